@@ -1,0 +1,1 @@
+"""kompakt.data_prep."""

@@ -1,0 +1,50 @@
+"""`kompakt bench ...`: benchmarks, each against a baseline measured in the same run.
+
+Benchmarks are not timed tests. Each returns a dict with at least `ratio` (ours over the
+baseline), `device` and `versions`; the CLI prints a table and, with `--json`, the dict.
+The stage packages hold the measurements; this module only dispatches and adds the device.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from kompakt.runs import package_versions
+
+
+def device_name() -> str:
+    """The GPU name when CUDA is there, else the CPU model with its core count."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{model} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def run(what: str, recipe: str, quick: bool = False) -> dict:
+    """Run one benchmark and return its figures (printed as a table on stderr by the stage code)."""
+    if what == "data":
+        from kompakt.data_prep.bench import dedup_rate
+        from kompakt.tokenization.bench import pretokenize_throughput
+
+        result = pretokenize_throughput(recipe, quick=quick)
+        result["dedup"] = dedup_rate(recipe, quick=quick)
+    else:
+        raise ValueError(f"unknown benchmark {what!r}")
+    result["device"] = device_name()
+    result["versions"] = package_versions()
+    return result

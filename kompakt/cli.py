@@ -1,0 +1,115 @@
+"""The `kompakt` console script: one subcommand per stage.
+
+    kompakt prepare RECIPE [key.sub=value ...]     clean the corpus (data_prep)
+    kompakt tokenizer RECIPE [...]                 train a tokenizer and write packed token shards
+    kompakt run RECIPE [...]                       every stage the recipe has, in order
+    kompakt validate RECIPE [...]                  check a recipe and print it resolved
+    kompakt bench data [--json]                    benchmarks, with ratios against a baseline
+
+A user's mistake (missing file, bad UTF-8, unknown key) ends with one line on stderr and exit
+status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kompakt.errors import KompaktError
+
+# No hub look-ups: without these a lookup retries for about 50 s before failing offline.
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BENCHES = {
+    "data": "pre-tokenisation MB/s against raw tokenizer.encode_batch, and dedup documents/s",
+}
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/demo-nb.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="dotted overrides parsed as YAML scalars, e.g. data.min_chars=20")
+    p.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kompakt",
+        description="Pretrain compact, language-specific encoder models: corpus cleaning, tokenizers, "
+                    "packed pretraining, compression and evaluation. Every stage writes "
+                    "<run_dir>/<stage>-<hash>/ with a manifest.json; complete stages are skipped.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prepare", help="read, normalise, filter, deduplicate and split the raw corpus",
+                       description="data_prep: raw text/JSONL/Parquet/datasets folders -> Parquet shards "
+                                   "(id, text, sentences, lang) and stats.json. With data.num_shards>1 and "
+                                   "data.shard_index=i it builds only part i (for a Slurm array); without "
+                                   "shard_index it builds missing parts and merges them with cross-part dedup.")
+    _add_recipe_args(p)
+    p = sub.add_parser("tokenizer", help="train a tokenizer, report on held-out text, write packed token shards",
+                       description="tokenization: trains WordPiece, Unigram or byte-level BPE on the prepared "
+                                   "corpus (running data_prep first if needed), saves an AutoTokenizer folder, "
+                                   "writes report.json and packed uint16/uint32 token shards.")
+    _add_recipe_args(p)
+    p = sub.add_parser("run", help="run every stage of the recipe in order",
+                       description="Runs each stage whose section the recipe has, skipping complete ones.")
+    _add_recipe_args(p)
+    p = sub.add_parser("validate", help="validate a recipe and print it resolved")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+    p = sub.add_parser("bench", help="benchmarks with ratios against a baseline measured in the same run",
+                       description="Benchmarks: " + "; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
+    p.add_argument("what", choices=sorted(BENCHES))
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--recipe", default="recipes/demo-nb.yaml", help="recipe whose corpus and sizes to use")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from kompakt import pipeline
+    from kompakt.config import load_recipe
+
+    if args.command == "bench":
+        from kompakt import bench
+
+        result = bench.run(args.what, recipe=args.recipe, quick=args.quick)
+        if args.json:
+            print(json.dumps(result, sort_keys=True))
+        return 0
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "validate":
+        print(json.dumps(recipe.model_dump(mode="json"), indent=2, ensure_ascii=False))
+        return 0
+    if args.command == "prepare":
+        pipeline.prepare(recipe, force=args.force)
+    elif args.command == "tokenizer":
+        pipeline.tokenizer(recipe, force=args.force)
+    elif args.command == "run":
+        pipeline.run_all(recipe, force=args.force)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KompaktError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

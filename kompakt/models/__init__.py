@@ -1,0 +1,1 @@
+"""Model definitions: torch only; transformers only inside kompakt/hf.py."""

@@ -1,0 +1,103 @@
+"""The stages in order, with their run directories.
+
+Each function resolves its upstream stages first (skipped when complete), computes its own
+directory from its config section and its inputs' hashes, and runs the stage body only when that
+directory is not already complete. Stage bodies live in the stage packages and receive their own
+config section, their input folders and a `StageRun` to write into; they never see the recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kompakt.config import Recipe, section_dict
+from kompakt.errors import ConfigError
+from kompakt.log import info
+from kompakt.runs import file_fingerprint, is_complete, open_stage, read_manifest, stage_dir
+
+# Config keys that change how fast a stage runs, not what it writes; kept out of the hash.
+_RUNTIME_KEYS = {"num_proc", "shard_index"}
+
+
+def _hashed(section) -> dict:
+    return {k: v for k, v in section_dict(section).items() if k not in _RUNTIME_KEYS}
+
+
+def _run_dir(recipe: Recipe) -> Path:
+    return recipe.path(recipe.run_dir)
+
+
+def prepare(recipe: Recipe, force: bool = False) -> Path | None:
+    """data_prep: raw files -> `prepare-<hash>/corpus/*.parquet` and `stats.json`.
+
+    With `data.num_shards > 1` the inputs are split into parts (`prepare_part-<hash>`) that a Slurm
+    array can build one per task (`data.shard_index=i`); a run without `shard_index` builds any
+    missing parts and then merges them, deduplicating across parts. The output does not depend on
+    `num_proc` or `num_shards`. Returns None when only one part was asked for.
+    """
+    from kompakt.data_prep import stage as data_stage
+
+    cfg = recipe.data
+    files = recipe.resolve_inputs()
+    fingerprints = {str(f): file_fingerprint(f) for f in files}
+    n = cfg.num_shards
+    part_dirs = []
+    for i in range(n):
+        if cfg.shard_index is not None and i != cfg.shard_index:
+            continue
+        part_files = files[i::n]
+        inputs = {"part": f"{i}/{n}", **{str(f): fingerprints[str(f)] for f in part_files}}
+        part_cfg = _hashed(cfg)
+        d = stage_dir(_run_dir(recipe), "prepare_part", part_cfg, inputs)
+        if force or not is_complete(d):
+            info(f"prepare: part {i + 1}/{n}, {len(part_files)} file(s) -> {d}")
+            with open_stage(_run_dir(recipe), "prepare_part", part_cfg, inputs) as run:
+                data_stage.run_part(cfg, part_files, run)
+        else:
+            info(f"prepare: part {i + 1}/{n} complete, skipped ({d})")
+        part_dirs.append(d)
+    if cfg.shard_index is not None:
+        return None
+    inputs = {d.name: read_manifest(d)["hash"] for d in part_dirs}
+    d = stage_dir(_run_dir(recipe), "prepare", _hashed(cfg), inputs)
+    if not force and is_complete(d):
+        info(f"prepare: complete, skipped ({d})")
+        return d
+    with open_stage(_run_dir(recipe), "prepare", _hashed(cfg), inputs) as run:
+        data_stage.merge(cfg, part_dirs, run)
+    info(f"prepare: wrote {d}")
+    return d
+
+
+def tokenizer(recipe: Recipe, force: bool = False) -> Path:
+    """tokenization: corpus -> `tokenizer-<hash>/tokenizer/` (HF folder), `report.json`, `tokens/` shards."""
+    from kompakt.tokenization import stage as tok_stage
+
+    if recipe.tokenizer is None:
+        raise ConfigError("recipe has no tokenizer section; add one (see recipes/demo-nb.yaml)")
+    corpus = prepare(recipe)
+    if corpus is None:
+        raise ConfigError("data.shard_index is set; the tokenizer needs the merged corpus, so drop shard_index")
+    inputs = {"corpus": read_manifest(corpus)["hash"]}
+    cfg = _hashed(recipe.tokenizer)
+    d = stage_dir(_run_dir(recipe), "tokenizer", cfg, inputs)
+    if not force and is_complete(d):
+        info(f"tokenizer: complete, skipped ({d})")
+        return d
+    with open_stage(_run_dir(recipe), "tokenizer", cfg, inputs) as run:
+        tok_stage.run(recipe.tokenizer, corpus, run)
+    info(f"tokenizer: wrote {d}")
+    return d
+
+
+# The order `kompakt run` follows; a stage runs when its recipe section is present.
+STAGES = [("prepare", "data", prepare), ("tokenizer", "tokenizer", tokenizer)]
+
+
+def run_all(recipe: Recipe, force: bool = False) -> dict[str, Path | None]:
+    """Run every stage the recipe has, in order; complete stages are skipped."""
+    out = {}
+    for name, section, fn in STAGES:
+        if getattr(recipe, section, None) is not None:
+            out[name] = fn(recipe, force=force)
+    return out
