@@ -1,0 +1,261 @@
+"""Lattice inputs and masked segment prediction (MSP) for Lattice-BERT.
+
+A Chinese sentence enters Lattice-BERT as a lattice: every character plus every lexicon word that
+matches a run of its characters. Each token carries a span `(start, end)` of character positions
+*in the sequence*, both inclusive: a character at position i has (i, i), a word over positions
+i..j has (i, j), and [CLS]/[SEP] carry their own position. Word tokens are appended after the
+characters and the final [SEP]:
+
+    [CLS] c1 .. cn [SEP] (d1 .. dm [SEP]) w1 .. wk          spans of w* point back into c*/d*
+
+Word ids: lexicon words are ordinary entries of the tokenizer vocabulary (the lattice tokenizer
+adds them after the characters), so characters and words share one embedding table and one MLM
+output layer. A `Lexicon` maps each word string to that id; words the vocabulary lacks are left out.
+
+MSP (Lai et al., 2021, section 3.2): the characters of a sequence are cut into *segments*, the
+smallest runs such that no lattice token crosses a segment boundary (overlapping word spans are
+merged). Whole segments are chosen at random until about `mask_prob` of the characters are covered,
+and every lattice token inside a chosen segment (characters and words) is masked and predicted.
+Because no token crosses a segment boundary, no unmasked word reveals a masked character.
+
+Everything here is numpy and pure: masking is a function of its inputs and a `numpy.random.Generator`.
+`collate_lattice` turns examples into the packed batch dict of the batch contract (torch tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from kompakt.errors import DataError
+
+# A word of one character is already a character token; lattice words have at least 2.
+MIN_WORD_LEN = 2
+
+
+def jieba_dict_path() -> Path:
+    """The dictionary shipped inside the installed `jieba` package (word, frequency, POS per line)."""
+    import jieba
+
+    return Path(jieba.__file__).resolve().parent / "dict.txt"
+
+
+def read_lexicon(source: str | Path, *, max_word_len: int, max_words: int | None = None) -> list[str]:
+    """Read a word list, most frequent first; `source` is a file path or "jieba".
+
+    A line is `word [frequency [tag]]`; lines without a frequency keep their file order after the
+    ones with one. Words shorter than 2 or longer than `max_word_len` characters are dropped.
+    """
+    path = jieba_dict_path() if str(source) == "jieba" else Path(source)
+    if not path.is_file():
+        raise DataError(f"lexicon {path} does not exist; give a word list (one word per line) or 'jieba'")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"lexicon {path} is not UTF-8 ({e}); re-encode it as UTF-8") from None
+    entries: dict[str, float] = {}
+    for line in lines:
+        parts = line.split()
+        if not parts:
+            continue
+        word = parts[0]
+        if not MIN_WORD_LEN <= len(word) <= max_word_len or word in entries:
+            continue
+        freq = float(parts[1]) if len(parts) > 1 and parts[1].replace(".", "", 1).isdigit() else -1.0
+        entries[word] = freq
+    # Stable sort: equal frequencies keep file order.
+    words = sorted(entries, key=lambda w: -entries[w])
+    return words[:max_words] if max_words is not None else words
+
+
+class Lexicon:
+    """Word -> token id, with a prefix set so matching stops as soon as no word can continue.
+
+    Matching a sentence of n characters costs at most n * max_word_len set lookups, and in
+    practice far fewer: most two-character prefixes of Chinese text start no lexicon word.
+    """
+
+    def __init__(self, word_ids: Mapping[str, int], *, max_word_len: int):
+        self.max_word_len = max_word_len
+        self.word_ids = {w: int(i) for w, i in word_ids.items() if MIN_WORD_LEN <= len(w) <= max_word_len}
+        self._prefixes = {w[:k] for w in self.word_ids for k in range(1, len(w) + 1)}
+
+    @classmethod
+    def from_vocab(cls, words: Iterable[str], vocab: Mapping[str, int], *, max_word_len: int) -> Lexicon:
+        """The words that the tokenizer vocabulary holds, with their vocabulary ids."""
+        return cls({w: vocab[w] for w in words if w in vocab}, max_word_len=max_word_len)
+
+    def __len__(self) -> int:
+        return len(self.word_ids)
+
+    def match(self, chars: Sequence[str]) -> list[tuple[int, int, str]]:
+        """Every lexicon word in `chars`: (start, end inclusive, word), ordered by start then end."""
+        found = []
+        n = len(chars)
+        for i in range(n):
+            prefix = chars[i]
+            for j in range(i + 1, min(n, i + self.max_word_len)):
+                prefix += chars[j]
+                if prefix not in self._prefixes:
+                    break
+                if prefix in self.word_ids:
+                    found.append((i, j, prefix))
+        return found
+
+
+@dataclass(frozen=True)
+class LatticeExample:
+    """One lattice sequence; all arrays have the same length L (characters, specials, then words)."""
+
+    input_ids: np.ndarray  # (L,) int64
+    lattice_start: np.ndarray  # (L,) int64, character position of the token's first character
+    lattice_end: np.ndarray  # (L,) int64, character position of its last character (inclusive)
+    token_type_ids: np.ndarray  # (L,) int64
+    num_chars: int  # tokens before the first word: [CLS], characters and [SEP]s
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def build_lattice(
+    segments: Sequence[tuple[Sequence[int], Sequence[str]]],
+    lexicon: Lexicon,
+    *,
+    cls_id: int,
+    sep_id: int,
+    max_len: int | None = None,
+) -> LatticeExample:
+    """Build `[CLS] A [SEP] (B [SEP]) words` from one or two segments of (character ids, characters).
+
+    Words are matched inside each segment only (never across [SEP]) and appended in order of
+    segment, start, end. With `max_len`, the characters must fit (the caller cuts sentences) and
+    words that do not fit are dropped from the end.
+    """
+    assert 1 <= len(segments) <= 2, "a sequence holds one or two segments"
+    ids, types, word_ids, word_spans, word_types = [cls_id], [0], [], [], []
+    for seg, (char_ids, chars) in enumerate(segments):
+        if len(char_ids) != len(chars):
+            raise DataError(f"build_lattice: {len(char_ids)} character ids but {len(chars)} characters")
+        offset = len(ids)
+        ids.extend(int(i) for i in char_ids)
+        ids.append(sep_id)
+        types.extend([seg] * (len(char_ids) + 1))
+        for start, end, word in lexicon.match(chars):
+            word_ids.append(lexicon.word_ids[word])
+            word_spans.append((offset + start, offset + end))
+            word_types.append(seg)
+    num_chars = len(ids)
+    if max_len is not None:
+        if num_chars > max_len:
+            raise DataError(f"build_lattice: {num_chars} characters and specials exceed max_len={max_len}")
+        keep = max_len - num_chars
+        word_ids, word_spans, word_types = word_ids[:keep], word_spans[:keep], word_types[:keep]
+    positions = np.arange(num_chars, dtype=np.int64)
+    spans = np.asarray(word_spans, dtype=np.int64).reshape(-1, 2)
+    return LatticeExample(
+        input_ids=np.asarray(ids + word_ids, dtype=np.int64),
+        lattice_start=np.concatenate([positions, spans[:, 0]]),
+        lattice_end=np.concatenate([positions, spans[:, 1]]),
+        token_type_ids=np.asarray(types + word_types, dtype=np.int64),
+        num_chars=num_chars,
+    )
+
+
+def lattice_segments(lattice_start: np.ndarray, lattice_end: np.ndarray, maskable: np.ndarray) -> list[tuple[int, int]]:
+    """Cut the maskable tokens' character positions into segments no token crosses.
+
+    Returns inclusive (start, end) character-position runs, in order. Overlapping spans are merged
+    (a word 0..2 and a word 2..3 make one segment 0..3); spans that merely touch are not.
+    """
+    order = np.lexsort((lattice_end[maskable], lattice_start[maskable]))
+    starts, ends = lattice_start[maskable][order], lattice_end[maskable][order]
+    segments: list[tuple[int, int]] = []
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        if segments and s <= segments[-1][1]:
+            segments[-1] = (segments[-1][0], max(segments[-1][1], e))
+        else:
+            segments.append((s, e))
+    return segments
+
+
+def msp_mask(
+    example: LatticeExample,
+    rng: np.random.Generator,
+    *,
+    mask_id: int,
+    special_ids: Iterable[int],
+    vocab_size: int,
+    mask_prob: float = 0.15,
+    random_token_prob: float = 0.1,
+    keep_prob: float = 0.1,
+    num_special_ids: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masked segment prediction: returns (masked input_ids, positions, labels).
+
+    Whole segments are chosen in random order while the masked characters stay within
+    `round(mask_prob * num_characters)` (at least 1); a segment longer than what is left is skipped,
+    so a sequence whose only segments are long may get no prediction. Each masked token becomes
+    [MASK] with probability 1 - random_token_prob - keep_prob, a random id in
+    [num_special_ids, vocab_size) with random_token_prob, and stays itself with keep_prob.
+    `positions` are the masked tokens' indices in the example, ascending.
+    """
+    ids = example.input_ids
+    special = np.isin(ids, np.fromiter(special_ids, dtype=np.int64))
+    maskable = ~special
+    is_char = maskable & (np.arange(len(ids)) < example.num_chars)
+    num_chars = int(is_char.sum())
+    segments = lattice_segments(example.lattice_start, example.lattice_end, maskable)
+    budget = max(1, int(round(mask_prob * num_chars)))
+    chosen = np.zeros(len(ids), dtype=bool)
+    num_masked = 0
+    for k in rng.permutation(len(segments)).tolist():
+        s, e = segments[k]
+        inside = maskable & (example.lattice_start >= s) & (example.lattice_end <= e)
+        seg_chars = int((inside & is_char).sum())
+        if num_masked + seg_chars > budget:
+            continue
+        chosen |= inside
+        num_masked += seg_chars
+        if num_masked >= budget:
+            break
+    positions = np.flatnonzero(chosen).astype(np.int64)
+    labels = ids[positions].copy()
+    masked = ids.copy()
+    u = rng.random(len(positions))
+    to_mask = u < 1.0 - random_token_prob - keep_prob
+    to_random = (u >= 1.0 - random_token_prob - keep_prob) & (u < 1.0 - keep_prob)
+    masked[positions[to_mask]] = mask_id
+    masked[positions[to_random]] = rng.integers(num_special_ids, vocab_size, int(to_random.sum()))
+    return masked, positions, labels
+
+
+def collate_lattice(
+    examples: Sequence[LatticeExample],
+    masks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+) -> dict:
+    """Pack examples (and their `msp_mask` results) into one batch-contract dict of torch tensors.
+
+    Keys: input_ids, cu_seqlens, max_seqlen, position_ids, token_type_ids, lattice_start,
+    lattice_end and, with `masks`, mlm_positions (flat indices into the packed stream) and mlm_labels.
+    `position_ids` are the lattice start positions: the absolute position a token is embedded at.
+    """
+    lengths = [len(x) for x in examples]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = [m[0] for m in masks] if masks is not None else [x.input_ids for x in examples]
+    batch = {
+        "input_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64)),
+        "cu_seqlens": torch.from_numpy(offsets.astype(np.int32)),
+        "max_seqlen": int(max(lengths)),
+        "position_ids": torch.from_numpy(np.concatenate([x.lattice_start for x in examples])),
+        "token_type_ids": torch.from_numpy(np.concatenate([x.token_type_ids for x in examples])),
+        "lattice_start": torch.from_numpy(np.concatenate([x.lattice_start for x in examples])),
+        "lattice_end": torch.from_numpy(np.concatenate([x.lattice_end for x in examples])),
+    }
+    if masks is not None:
+        batch["mlm_positions"] = torch.from_numpy(np.concatenate([m[1] + o for m, o in zip(masks, offsets)]))
+        batch["mlm_labels"] = torch.from_numpy(np.concatenate([m[2] for m in masks]).astype(np.int64))
+    return batch

@@ -1,0 +1,121 @@
+"""Lattice construction and masked segment prediction (pretrain/lattice.py)."""
+
+import numpy as np
+import pytest
+
+from kompakt.errors import DataError
+from kompakt.pretrain.lattice import (
+    Lexicon,
+    build_lattice,
+    collate_lattice,
+    lattice_segments,
+    msp_mask,
+    read_lexicon,
+)
+
+CLS, SEP, MASK = 1, 2, 3
+SPECIALS = {0, CLS, SEP, MASK}
+VOCAB = {"研": 10, "究": 11, "生": 12, "命": 13, "起": 14, "源": 15, "研究": 20, "研究生": 21, "生命": 22, "起源": 23}
+
+
+def lexicon(words=("研究", "研究生", "生命", "起源")):
+    return Lexicon.from_vocab(words, VOCAB, max_word_len=8)
+
+
+def sentence(text):
+    chars = list(text)
+    return [VOCAB[c] for c in chars], chars
+
+
+def test_hand_checked_lattice():
+    ex = build_lattice([sentence("研究生命起源")], lexicon(), cls_id=CLS, sep_id=SEP)
+    # [CLS] 研 究 生 命 起 源 [SEP] 研究 研究生 生命 起源, spans worked out by hand.
+    assert ex.input_ids.tolist() == [CLS, 10, 11, 12, 13, 14, 15, SEP, 20, 21, 22, 23]
+    spans = list(zip(ex.lattice_start.tolist(), ex.lattice_end.tolist()))
+    assert spans == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (1, 2), (1, 3), (3, 4), (5, 6)]
+    assert ex.num_chars == 8
+    assert ex.token_type_ids.tolist() == [0] * 12
+
+
+def test_two_segments_never_match_across_sep():
+    # "生命" would match across the boundary of A="研究生" and B="命起源" if words could cross [SEP].
+    ex = build_lattice([sentence("研究生"), sentence("命起源")], lexicon(), cls_id=CLS, sep_id=SEP)
+    words = ex.input_ids[ex.num_chars :].tolist()
+    assert words == [20, 21, 23]
+    spans = list(zip(ex.lattice_start[ex.num_chars :].tolist(), ex.lattice_end[ex.num_chars :].tolist()))
+    # A occupies positions 1..3 ([SEP] at 4), B 5..7 ([SEP] at 8).
+    assert spans == [(1, 2), (1, 3), (6, 7)]
+    assert ex.token_type_ids.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 1]
+
+
+def test_max_len_drops_words_from_the_end():
+    ex = build_lattice([sentence("研究生命起源")], lexicon(), cls_id=CLS, sep_id=SEP, max_len=10)
+    assert ex.input_ids[8:].tolist() == [20, 21]
+    with pytest.raises(DataError, match="max_len"):
+        build_lattice([sentence("研究生命起源")], lexicon(), cls_id=CLS, sep_id=SEP, max_len=7)
+
+
+def test_jieba_lexicon_matches_real_words():
+    words = read_lexicon("jieba", max_word_len=4, max_words=20000)
+    assert len(words) == 20000 and all(2 <= len(w) <= 4 for w in words)
+    lex = Lexicon({w: i for i, w in enumerate(words)}, max_word_len=4)
+    found = {w for _, _, w in lex.match(list("中国人民银行"))}
+    assert {"中国", "人民", "银行"} <= found
+
+
+def test_segments_merge_overlaps_only():
+    ex = build_lattice([sentence("研究生命起源")], lexicon(), cls_id=CLS, sep_id=SEP)
+    maskable = ~np.isin(ex.input_ids, list(SPECIALS))
+    assert lattice_segments(ex.lattice_start, ex.lattice_end, maskable) == [(1, 4), (5, 6)]
+
+
+def mask(ex, seed, **kw):
+    return msp_mask(ex, np.random.default_rng(seed), mask_id=MASK, special_ids=SPECIALS, vocab_size=64,
+                    num_special_ids=4, **kw)
+
+
+def test_msp_masks_whole_segments_without_leakage():
+    text = "研究生命起源" * 6
+    ex = build_lattice([sentence(text)], lexicon(), cls_id=CLS, sep_id=SEP)
+    num_predicted = 0
+    for seed in range(20):
+        masked, positions, labels = mask(ex, seed, mask_prob=0.3)
+        assert labels.tolist() == ex.input_ids[positions].tolist()
+        chosen = np.zeros(len(ex), bool)
+        chosen[positions] = True
+        assert not chosen[np.isin(ex.input_ids, list(SPECIALS))].any()
+        masked_chars = {int(p) for p in positions if p < ex.num_chars}
+        for t in range(len(ex)):
+            covered = set(range(ex.lattice_start[t], ex.lattice_end[t] + 1))
+            # No leakage: any token touching a masked character is itself masked ...
+            if covered & masked_chars:
+                assert chosen[t], (seed, t)
+            # ... and a masked word's characters are all masked (whole words).
+            if chosen[t]:
+                assert covered <= masked_chars, (seed, t)
+        unchanged = np.setdiff1d(np.arange(len(ex)), positions)
+        assert (masked[unchanged] == ex.input_ids[unchanged]).all()
+        num_predicted += len(positions)
+        # Budget: round(0.3 * 36) = 11 characters at most.
+        assert len(masked_chars) <= 11
+    assert num_predicted > 0
+
+
+def test_msp_is_a_pure_function_of_the_seed():
+    ex = build_lattice([sentence("研究生命起源" * 5)], lexicon(), cls_id=CLS, sep_id=SEP)
+    a, b, c = mask(ex, 7), mask(ex, 7), mask(ex, 8)
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert not all(x.shape == y.shape and (x == y).all() for x, y in zip(a, c))
+
+
+def test_collate_offsets_positions_into_the_packed_stream():
+    ex1 = build_lattice([sentence("研究生命起源")], lexicon(), cls_id=CLS, sep_id=SEP)
+    ex2 = build_lattice([sentence("起源")], lexicon(), cls_id=CLS, sep_id=SEP)
+    m1, m2 = mask(ex1, 0, mask_prob=0.5), mask(ex2, 1, mask_prob=0.5)
+    batch = collate_lattice([ex1, ex2], [m1, m2])
+    assert batch["cu_seqlens"].tolist() == [0, 12, 17]
+    assert batch["max_seqlen"] == 12
+    assert batch["lattice_start"][12:].tolist() == [0, 1, 2, 3, 1]
+    assert batch["mlm_positions"].tolist() == m1[1].tolist() + (m2[1] + 12).tolist()
+    flat_orig = np.concatenate([ex1.input_ids, ex2.input_ids])
+    assert batch["mlm_labels"].tolist() == flat_orig[batch["mlm_positions"].numpy()].tolist()
