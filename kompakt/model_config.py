@@ -1,13 +1,100 @@
-"""The `model` section of a recipe (owned by kompakt/models; filled in by the models issue)."""
+"""The `model` section of a recipe: family and sizes of the encoder kompakt pretrains.
+
+The field names follow the Hugging Face configs they are exported to (`BertConfig`, `AlbertConfig`),
+with `num_*` for counts; `kompakt.hf.to_hf_config` maps them one to one.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field, model_validator
+
 from kompakt.config_base import StrictModel
+from kompakt.errors import ConfigError
+
+# The activation each family's reference implementation uses when the recipe does not name one:
+# BERT/NorBERT/SpanBERT use exact erf GELU ("gelu"); HF's AlbertConfig defaults to "gelu_new" (tanh).
+DEFAULT_ACT = {"bert": "gelu", "spanbert": "gelu", "albert": "gelu_new", "lattice": "gelu"}
+
+
+class LatticeConfig(StrictModel):
+    """Lattice-BERT extras (family "lattice"; see kompakt/models/lattice.py and pretrain/lattice.py).
+
+    Word tokens share the embedding table and MLM output layer with the characters: word k of the
+    tokenizer's lexicon.txt has id vocab_size + k, and the table has vocab_size + num_words rows
+    (num_words rounded up to a multiple of 64).
+    """
+
+    # Words of the lexicon the model can embed: the tokenizer run's `num_lexicon_words`.
+    num_words: int = Field(0, ge=0)
+    # Longest lexicon word matched, in characters (jieba's dictionary: 98% of words have <= 4).
+    max_word_len: int = Field(8, ge=2)
+    # Relative distances between spans are clipped to [-R, R] before their per-head bias embedding.
+    max_relative_distance: int = Field(32, ge=1)
 
 
 class ModelConfig(StrictModel):
-    """Model family and sizes; `vocab_size` must match the tokenizer's."""
+    """Model family and sizes; `vocab_size` must match the tokenizer's (see `check_vocab`)."""
 
     family: Literal["bert", "albert", "spanbert", "lattice"] = "bert"
+    # None: taken from the tokenizer at pretraining start. Multiples of 64 tile the embedding and head matmuls.
+    vocab_size: int | None = Field(None, ge=64)
+    hidden_size: int = Field(768, ge=8)
+    num_layers: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    intermediate_size: int = Field(3072, ge=8)
+    # ALBERT's factorised embedding width E (E < hidden_size); ignored by the other families.
+    embedding_size: int = Field(128, ge=8)
+    # ALBERT's cross-layer sharing, as in HF AlbertConfig: layer i runs group int(i / (num_layers / groups)),
+    # and each group is `inner_group_num` distinct layers.
+    num_hidden_groups: int = Field(1, ge=1)
+    inner_group_num: int = Field(1, ge=1)
+    max_position_embeddings: int = Field(512, ge=8)
+    type_vocab_size: int = Field(2, ge=1)
+    layer_norm_eps: float = Field(1e-12, gt=0.0)
+    # None: the family's default (DEFAULT_ACT); "gelu" is exact erf GELU, "gelu_new" the tanh approximation.
+    hidden_act: Literal["gelu", "gelu_new"] | None = None
+    # No dropout in pretraining by default (cramming, ModernBERT); fine-tuning sets its own.
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    initializer_range: float = Field(0.02, gt=0.0)
+    # SpanBERT span boundary objective: relative positions inside a span are clipped to this many.
+    max_span_length: int = Field(10, ge=1)
+    # auto: FlexAttention (or flash varlen) on CUDA, padded-per-sequence SDPA on CPU.
+    attention: Literal["auto", "padded", "mask", "flex", "varlen"] = "auto"
+    lattice: LatticeConfig = LatticeConfig()
+
+    @property
+    def act(self) -> str:
+        """The activation in use: `hidden_act`, or the family's default."""
+        return self.hidden_act or DEFAULT_ACT[self.family]
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
+                             f"model.num_heads={self.num_heads}")
+        if self.vocab_size is not None and self.vocab_size % 64:
+            raise ValueError(f"model.vocab_size={self.vocab_size} must be a multiple of 64 "
+                             f"(e.g. {(self.vocab_size + 63) // 64 * 64}); round the tokenizer's vocab_size up")
+        if self.family == "albert":
+            if self.num_layers % self.num_hidden_groups:
+                raise ValueError(f"model.num_layers={self.num_layers} must be divisible by "
+                                 f"model.num_hidden_groups={self.num_hidden_groups}")
+            if self.embedding_size > self.hidden_size:
+                raise ValueError(f"model.embedding_size={self.embedding_size} must not exceed "
+                                 f"model.hidden_size={self.hidden_size} (ALBERT factorises the embeddings)")
+        return self
+
+
+def check_vocab(cfg: ModelConfig, tokenizer_vocab_size: int, tokenizer_path: str) -> ModelConfig:
+    """Return `cfg` with `vocab_size` filled from the tokenizer, or raise if the two disagree."""
+    if cfg.vocab_size is None:
+        if tokenizer_vocab_size % 64:
+            raise ConfigError(f"the tokenizer {tokenizer_path} has {tokenizer_vocab_size} tokens, not a multiple "
+                              f"of 64; retrain it with a vocab_size rounded up to a multiple of 64")
+        return cfg.model_copy(update={"vocab_size": tokenizer_vocab_size})
+    if cfg.vocab_size != tokenizer_vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.vocab_size} but the tokenizer {tokenizer_path} has "
+                          f"{tokenizer_vocab_size} tokens; set model.vocab_size={tokenizer_vocab_size} or leave it out")
+    return cfg

@@ -1,0 +1,83 @@
+"""Model FLOPs of one training step (forward + backward) on a packed batch, for tokens/s -> MFU.
+
+For a micro-batch of B sequences with lengths l_b (T = sum l_b tokens) and M predicted positions:
+
+    flops = 6 * N_body * T                          every token passes through the body's matmuls
+          + 6 * 2 * 2 * D * U * sum_b l_b^2         attention scores QK^T and the weighted sum AV
+          + 6 * N_head * M                          the MLM (and SBO) head, on predicted rows only
+          + 6 * N_seq * B                           pooler + SOP/NSP classifier, once per sequence
+
+- 6 = 2 FLOPs per multiply-add, times 3 for forward + backward (the backward costs twice the forward).
+- N_body counts weight matrices only (biases, LayerNorms, GELUs and softmax are under 1% and left out):
+  per layer use 4 D^2 (query, key, value, output) + 2 D F (feed-forward); ALBERT adds its factorised
+  projection E D. The embedding lookup is not a matmul and is excluded.
+- U is the number of layer uses: num_layers for BERT/SpanBERT/Lattice-BERT; num_layers * inner_group_num
+  for ALBERT, whose shared layers count once per use, not once per parameter.
+- Attention per layer use: a token in a sequence of length l does 2 l D multiply-adds for its scores and
+  2 l D for its output, i.e. 4 l D FLOPs forward, 12 l D with backward; summed over the sequence's l tokens
+  that is 12 D l^2. Packing keeps it per sequence (sum of l_b^2), not (sum of l_b)^2.
+- N_head per predicted row: BERT/SpanBERT transform D^2 + decoder D V; ALBERT dense D E + decoder E V;
+  SpanBERT adds its SBO head 3 D^2 + D^2 + D V.
+- N_seq per sequence: ALBERT's pooler D^2 + SOP classifier 2 D (MLM-only BERT has none).
+  The lattice position bias (a table lookup) is not counted.
+
+Legend: D hidden size, F intermediate size, E ALBERT embedding width, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kompakt.model_config import ModelConfig
+
+
+def layer_uses(cfg: ModelConfig) -> int:
+    """How many transformer layers each token passes through (ALBERT: shared layers counted per use)."""
+    return cfg.num_layers * cfg.inner_group_num if cfg.family == "albert" else cfg.num_layers
+
+
+def body_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of the matmuls every token passes through, counted once per use (N_body)."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    n = layer_uses(cfg) * (4 * D * D + 2 * D * F)
+    if cfg.family == "albert":
+        n += cfg.embedding_size * D
+    return n
+
+
+def head_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of the per-predicted-row heads (N_head): MLM, plus SBO for SpanBERT."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    if cfg.family == "albert":
+        return D * cfg.embedding_size + cfg.embedding_size * V
+    n = D * D + D * V
+    if cfg.family == "spanbert":
+        n += 3 * D * D + D * D + D * V
+    return n
+
+
+def sequence_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of the once-per-sequence heads (N_seq): ALBERT's pooler and SOP classifier."""
+    D = cfg.hidden_size
+    return D * D + 2 * D if cfg.family == "albert" else 0
+
+
+def model_flops(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor, num_predictions: int) -> float:
+    """Training FLOPs (forward + backward) of one packed micro-batch; see the module docstring."""
+    lens = torch.as_tensor(seq_lens, dtype=torch.float64)
+    num_tokens, num_seqs = float(lens.sum()), lens.numel()
+    attention = 6 * 2 * 2 * cfg.hidden_size * layer_uses(cfg) * float((lens * lens).sum())
+    return (6 * body_matmul_params(cfg) * num_tokens + attention
+            + 6 * head_matmul_params(cfg) * num_predictions + 6 * sequence_matmul_params(cfg) * num_seqs)
+
+
+def flops_per_token(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor, num_predictions: int) -> float:
+    """`model_flops` divided by the batch's real tokens: multiply by tokens/s and divide by peak for MFU."""
+    return model_flops(cfg, seq_lens, num_predictions) / float(torch.as_tensor(seq_lens).sum())
+
+
+def seq_lens_from_cu(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Sequence lengths (B,) from the batch's cumulative starts (B+1,)."""
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
