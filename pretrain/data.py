@@ -92,7 +92,8 @@ def read_example(shards: TokenShards, examples: ExampleIndex, example_id: int, s
     a = int(examples.start[example_id])
     b = a + int(examples.length[example_id])
     sent = shard.sent_offsets
-    lo, hi = np.searchsorted(sent, [a, b], side="right")
+    # Sentence starts strictly inside (a, b): the example's own start and end are not split points.
+    lo, hi = int(np.searchsorted(sent, a, side="right")), int(np.searchsorted(sent, b, side="left"))
     return Example(index=sample_index, tokens=np.asarray(shard.tokens[a:b], dtype=np.int64),
                    word_starts=np.asarray(shard.word_starts[a:b]), sent_starts=sent[lo:hi] - a)
 
@@ -232,14 +233,20 @@ class PackedLoader:
                 yield epoch, order[a:b], b
             epoch, position = epoch + 1, 0
 
-    def _rank_batches(self) -> Iterator[tuple[dict, tuple[int, int]]]:
-        """This rank's batches, each with the loader state after its round."""
+    def plan(self) -> Iterator[tuple[int, np.ndarray, tuple[int, int]]]:
+        """This rank's micro-batches from the current state: (epoch, example ids, state after its round).
+
+        Cheap (no token is read); `__iter__` turns each entry into a batch.
+        """
         stream = self._global_micro_batches(self.epoch, self.position)
         while True:
             round_ = [next(stream) for _ in range(self.world_size)]
             epoch, ids, _ = round_[self.rank]
             last_epoch, _, last_pos = round_[-1]
-            state = (last_epoch + 1, 0) if last_pos == self.num_examples else (last_epoch, last_pos)
+            yield epoch, ids, (last_epoch + 1, 0) if last_pos == self.num_examples else (last_epoch, last_pos)
+
+    def _rank_batches(self) -> Iterator[tuple[dict, tuple[int, int]]]:
+        for epoch, ids, state in self.plan():
             examples = [read_example(self.shards, self.examples, i, epoch * self.num_examples + i)
                         for i in ids.tolist()]
             yield collate_examples(examples, self.objective, self.specials, self.data.seed), state
