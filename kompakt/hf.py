@@ -63,7 +63,7 @@ def from_hf_config(hf_cfg, family: str | None = None, **overrides) -> ModelConfi
         fields.update(embedding_size=d["embedding_size"], num_hidden_groups=d.get("num_hidden_groups", 1),
                       inner_group_num=d.get("inner_group_num", 1))
     fields.update(overrides)
-    return ModelConfig(**fields)
+    return ModelConfig.model_validate(fields, context={"any_vocab_size": True})
 
 
 def _model_class(family: str, head: str) -> type[nn.Module]:

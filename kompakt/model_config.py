@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from kompakt.config_base import StrictModel
 from kompakt.errors import ConfigError
@@ -45,7 +45,7 @@ class ModelConfig(StrictModel):
     num_heads: int = Field(12, ge=1)
     intermediate_size: int = Field(3072, ge=8)
     # ALBERT's factorised embedding width E (E < hidden_size); ignored by the other families.
-    embedding_size: int = Field(128, ge=8)
+    embedding_size: int = Field(128, ge=1)
     # ALBERT's cross-layer sharing, as in HF AlbertConfig: layer i runs group int(i / (num_layers / groups)),
     # and each group is `inner_group_num` distinct layers.
     num_hidden_groups: int = Field(1, ge=1)
@@ -70,11 +70,13 @@ class ModelConfig(StrictModel):
         return self.hidden_act or DEFAULT_ACT[self.family]
 
     @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
+    def _check(self, info: ValidationInfo) -> ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
                              f"model.num_heads={self.num_heads}")
-        if self.vocab_size is not None and self.vocab_size % 64:
+        # Released checkpoints loaded through kompakt.hf (e.g. 30522 tokens) are exempt: their vocab is given.
+        any_vocab = bool(info.context and info.context.get("any_vocab_size"))
+        if self.vocab_size is not None and self.vocab_size % 64 and not any_vocab:
             raise ValueError(f"model.vocab_size={self.vocab_size} must be a multiple of 64 "
                              f"(e.g. {(self.vocab_size + 63) // 64 * 64}); round the tokenizer's vocab_size up")
         if self.family == "albert":

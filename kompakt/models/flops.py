@@ -3,7 +3,7 @@
 For a micro-batch of B sequences with lengths l_b (T = sum l_b tokens) and M predicted positions:
 
     flops = 6 * N_body * T                          every token passes through the body's matmuls
-          + 6 * 2 * 2 * D * U * sum_b l_b^2         attention scores QK^T and the weighted sum AV
+          + 12 * D * U * sum_b l_b^2                attention scores QK^T and the weighted sum AV
           + 6 * N_head * M                          the MLM (and SBO) head, on predicted rows only
           + 6 * N_seq * B                           pooler + SOP/NSP classifier, once per sequence
 
@@ -68,7 +68,8 @@ def model_flops(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor, num_pr
     """Training FLOPs (forward + backward) of one packed micro-batch; see the module docstring."""
     lens = torch.as_tensor(seq_lens, dtype=torch.float64)
     num_tokens, num_seqs = float(lens.sum()), lens.numel()
-    attention = 6 * 2 * 2 * cfg.hidden_size * layer_uses(cfg) * float((lens * lens).sum())
+    # 4 D l FLOPs per token forward (QK^T and AV), times 3 with backward, summed over each sequence's l tokens.
+    attention = 12 * cfg.hidden_size * layer_uses(cfg) * float((lens * lens).sum())
     return (6 * body_matmul_params(cfg) * num_tokens + attention
             + 6 * head_matmul_params(cfg) * num_predictions + 6 * sequence_matmul_params(cfg) * num_seqs)
 
