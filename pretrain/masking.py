@@ -18,6 +18,7 @@ Positions below are "real" indices (into the example's tokens without specials) 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -189,6 +190,11 @@ def span_length_pmf(p: float, max_len: int) -> np.ndarray:
     return w / w.sum()
 
 
+@functools.lru_cache(maxsize=8)
+def _span_pmf(p: float, max_len: int) -> np.ndarray:
+    return span_length_pmf(p, max_len)
+
+
 def _pick_spans(bounds: np.ndarray, seg_of_unit: np.ndarray, budget: int, pmf: np.ndarray,
                 rng: np.random.Generator) -> tuple[list[tuple[int, int]], list[bool]]:
     """SpanBERT span masking: draw a length, place it uniformly among the free starts.
@@ -200,11 +206,12 @@ def _pick_spans(bounds: np.ndarray, seg_of_unit: np.ndarray, budget: int, pmf: n
     num_units = len(bounds) - 1
     blocked = np.zeros(num_units + 2, dtype=np.int64)  # padded by one unit on either side
     chosen, truncated, count = [], [], 0
-    max_len = len(pmf)
-    for _ in range(4 * budget + 8):
+    # All length draws at once by inverting the cdf (rng.choice per draw costs ~15 µs each).
+    num_draws = 4 * budget + 8
+    draws = np.minimum(np.searchsorted(np.cumsum(pmf), rng.random(num_draws), side="right"), len(pmf) - 1) + 1
+    for n in draws.tolist():
         if count >= budget:
             break
-        n = int(rng.choice(max_len, p=pmf)) + 1
         if n > num_units:
             continue
         # Start u is free if units u-1 .. u+n are unblocked (indices shifted by the padding).
@@ -264,8 +271,7 @@ def mask_example(ex: Example, cfg: ObjectiveConfig, specials: SpecialIds, seed: 
     elif cfg.masking == "ngram":
         picked = _pick_ngrams(bounds, seg_of_unit, budget, cfg.max_ngram, rng)
     else:
-        picked, truncated = _pick_spans(bounds, seg_of_unit, budget,
-                                        span_length_pmf(cfg.span_p, cfg.max_span_words), rng)
+        picked, truncated = _pick_spans(bounds, seg_of_unit, budget, _span_pmf(cfg.span_p, cfg.max_span_words), rng)
     if not truncated:
         truncated = [False] * len(picked)
     ordered = sorted(zip(picked, truncated))
