@@ -124,6 +124,15 @@ class TokenizerConfig(StrictModel):
     def vocab_size_rounded(self) -> int:
         return (self.vocab_size + 63) // 64 * 64
 
+    @model_validator(mode="after")
+    def _check(self) -> TokenizerConfig:
+        # Character-level Chinese relies on BERT's normaliser putting spaces around CJK characters.
+        if self.chinese_chars and self.kind != "wordpiece":
+            raise ValueError("tokenizer.chinese_chars needs tokenizer.kind=wordpiece")
+        if self.lexicon is not None and not self.chinese_chars:
+            raise ValueError("tokenizer.lexicon is for Chinese; set tokenizer.chinese_chars=true or drop lexicon")
+        return self
+
 
 # ---------------------------------------------------------------------------------------------
 # The recipe

@@ -1,0 +1,130 @@
+"""Tokenizer training, the saved Hugging Face folder, the report and the packed shards, per kind.
+
+Each kind trains once per module on the first 1,500 demo documents with a 2,000-token vocabulary
+(rounded to 2,048) through the real stage body, so every test below reads real outputs.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from kompakt.config import TokenizerConfig
+from kompakt.runs import open_stage
+from kompakt.shards import TokenShards
+from kompakt.tokenization import stage
+from kompakt.tokenization.corpus import corpus_files, iter_batches, write_corpus
+from kompakt.tokenization.train import round_trip_target, special_tokens
+
+NUM_DOCS = 1500
+KINDS = {"wordpiece": "bert", "unigram": "albert", "bpe": "spanbert"}
+
+
+@pytest.fixture(scope="module")
+def corpus(demo_docs, tmp_path_factory):
+    return write_corpus(demo_docs[:NUM_DOCS], tmp_path_factory.mktemp("corpus"), docs_per_file=600)
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def trained(request, corpus, tmp_path_factory):
+    """(config, finished stage directory) for one kind."""
+    kind = request.param
+    cfg = TokenizerConfig(kind=kind, family=KINDS[kind], vocab_size=2000, heldout_fraction=0.05,
+                          docs_per_shard=700)
+    run_dir = tmp_path_factory.mktemp(f"run-{kind}")
+    with open_stage(run_dir, "tokenizer", cfg.model_dump(mode="json"), {"corpus": "test"}) as run:
+        stage.run(cfg, corpus, run)
+    return cfg, run.final_dir
+
+
+def _corpus_texts(corpus):
+    return [t for b in iter_batches(corpus_files(corpus), ["text"]) for t in b.column(0).to_pylist()]
+
+
+def test_vocab_is_multiple_of_64_and_specials_first(trained):
+    cfg, out = trained
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    assert tok.get_vocab_size(with_added_tokens=True) == cfg.vocab_size_rounded == 2048
+    for i, name in enumerate(special_tokens(cfg.family).values()):
+        assert tok.token_to_id(name) == i
+    assert json.loads((out / "report.json").read_text())["vocab_size"] == 2048
+
+
+def test_autotokenizer_loads_offline_and_round_trips_norwegian(trained):
+    from transformers import AutoTokenizer
+
+    cfg, out = trained
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / "tokenizer" / name).is_file()
+    hf = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert len(hf) == 2048 and hf.model_max_length == cfg.model_max_length
+    assert hf.pad_token_id == 0 and hf.unk_token == special_tokens(cfg.family)["unk_token"]
+    text = "Blåbærsyltetøy på Ærø"
+    ids = hf(text)["input_ids"]
+    assert ids[0] == hf.cls_token_id and ids[-1] == hf.sep_token_id
+    assert hf.unk_token_id not in ids
+    assert hf.decode(ids, skip_special_tokens=True) == text
+    pair = hf("Hei", "på deg")
+    assert pair["input_ids"][0] == hf.cls_token_id and pair["input_ids"].count(hf.sep_token_id) == 2
+    assert pair["token_type_ids"][-1] == 1 and pair["token_type_ids"][0] == 0
+
+
+def test_report_is_sensible(trained):
+    _, out = trained
+    report = json.loads((out / "report.json").read_text())
+    h = report["heldout"]
+    assert 20 < h["num_docs"] < 200  # 5% of 1,500
+    assert h["unk_rate"] < 0.01
+    assert 1.0 < h["fertility"] < 3.0
+    assert 0.0 < h["whole_word_rate"] < 1.0
+    assert h["round_trip_rate"] > 0.95
+    assert h["round_trip_target"]
+
+
+def test_shards_decode_back_to_the_corpus(trained, corpus):
+    cfg, out = trained
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    shards = TokenShards(out / "tokens")
+    texts = _corpus_texts(corpus)
+    assert shards.num_docs == len(texts) and len(shards.shards) == 3  # 1,500 docs at 700 per shard
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["num_tokens"] == shards.num_tokens > 0
+    decoded = tok.decode_batch([shards.document(g)[0].tolist() for g in range(shards.num_docs)],
+                               skip_special_tokens=False)
+    matches = [d == round_trip_target(tok, cfg.kind, t) for d, t in zip(decoded, texts)]
+    assert np.mean(matches) > 0.97, [(d, t) for d, t, m in zip(decoded, texts, matches) if not m][:3]
+
+
+def test_sentence_offsets_follow_the_corpus(trained, corpus):
+    _, out = trained
+    shards = TokenShards(out / "tokens")
+    sentences = [s for b in iter_batches(corpus_files(corpus), ["sentences"]) for s in b.column(0).to_pylist()]
+    for g in (0, 1, 777, shards.num_docs - 1):
+        _, _, sent_offsets = shards.document(g)
+        assert len(sent_offsets) - 1 == len(sentences[g])
+
+
+def test_word_starts_mark_word_beginnings(trained):
+    cfg, out = trained
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    shards = TokenShards(out / "tokens")
+    for g in range(0, shards.num_docs, 50):
+        ids, ws, sents = shards.document(g)
+        pieces = [tok.id_to_token(i) for i in ids.tolist()]
+        ws = ws.astype(bool)
+        assert ws[sents[:-1]].all(), "every sentence starts a word"
+        if cfg.kind == "wordpiece":
+            assert (ws == np.array([not p.startswith("##") for p in pieces])).all()
+        elif cfg.kind == "unigram":
+            assert (ws == np.array([p.startswith("▁") for p in pieces]) | np.isin(np.arange(len(ws)), sents)).all()
+        else:
+            marked = np.array([p.startswith("Ġ") for p in pieces])
+            assert ws[marked].all() and 0.2 < ws.mean() < 0.9
+
+
+def test_tokenizer_keeps_norwegian_letters_and_case(trained):
+    _, out = trained
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    text = "Æ Ø Å æ ø å"
+    assert tok.decode(tok.encode(text, add_special_tokens=False).ids).replace(" ", "") == text.replace(" ", "")

@@ -1,0 +1,73 @@
+"""The tokenization stage: prepared corpus -> tokenizer, report and packed token shards.
+
+Writes into `run.work_dir`:
+
+- `tokenizer/`   a Hugging Face folder that `AutoTokenizer.from_pretrained` loads offline
+- `report.json`  fertility, unknown rate, whole-word share and round trips on held-out documents
+- `tokens/`      packed shards (kompakt/shards.py) of every document, held-out ones included
+- `lexicon.txt`  Chinese only (`chinese_chars` with `lexicon`): the word lexicon for lattice models
+
+Held-out documents (by a hash of their id, `heldout_fraction`) are left out of tokenizer training
+so the report measures text the tokenizer has not seen; they are still written to the shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kompakt.config import TokenizerConfig
+from kompakt.errors import DataError
+from kompakt.log import info, table
+from kompakt.runs import StageRun, write_json_atomic
+from kompakt.tokenization.corpus import corpus_files, iter_texts, row_counts
+from kompakt.tokenization.lexicon import build_lexicon, lexicon_source, write_lexicon
+from kompakt.tokenization.pretokenize import pretokenize
+from kompakt.tokenization.report import evaluate
+from kompakt.tokenization.train import save_hf, special_tokens, train_tokenizer
+
+
+def run(cfg: TokenizerConfig, corpus_dir: Path, run: StageRun) -> None:
+    """Train the tokenizer on `corpus_dir/corpus/*.parquet`, report on held-out text, write shards."""
+    files = corpus_files(corpus_dir)
+    num_docs = sum(row_counts(files))
+    if num_docs == 0:
+        raise DataError(f"{corpus_dir}/corpus: the corpus has no documents; check the data section's filters")
+    info(f"tokenizer: training {cfg.kind} ({cfg.family}, vocab {cfg.vocab_size_rounded}) on {num_docs:,} documents "
+         f"less a {cfg.heldout_fraction:.0%} held-out share")
+
+    with run.timed("train_s"):
+        tok = train_tokenizer(cfg, iter_texts(files, cfg.heldout_fraction, heldout=False, max_docs=cfg.max_train_docs))
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    save_hf(tok, cfg, run.work_dir / "tokenizer")
+
+    num_lexicon_words = None
+    if cfg.lexicon is not None:
+        words = build_lexicon(tok.get_vocab(with_added_tokens=False), lexicon_source(cfg.lexicon), cfg.lexicon_size)
+        write_lexicon(run.work_dir / "lexicon.txt", words)
+        num_lexicon_words = len(words)
+
+    with run.timed("report_s"):
+        scores = evaluate(tok, cfg.kind, iter_texts(files, cfg.heldout_fraction, heldout=True),
+                          special_tokens(cfg.family)["unk_token"])
+    report = {"kind": cfg.kind, "family": cfg.family, "vocab_size": vocab_size, "lowercase": cfg.lowercase,
+              "strip_accents": cfg.strip_accents, "heldout": scores}
+    if num_lexicon_words is not None:
+        report["num_lexicon_words"] = num_lexicon_words
+    write_json_atomic(run.work_dir / "report.json", report)
+    table(f"tokenizer {cfg.kind}/{cfg.family}, held-out documents", ["metric", "value"], [
+        ("vocabulary size", vocab_size), ("held-out documents", scores["num_docs"]),
+        ("fertility (tokens per word)", scores["fertility"]), ("unknown-token rate", scores["unk_rate"]),
+        ("words kept whole", scores["whole_word_rate"]),
+        (f"round trip vs {scores['round_trip_target']}", scores["round_trip_rate"]),
+        ("round trip vs normalised text", scores["round_trip_strict_rate"]),
+    ])
+
+    with run.timed("pretokenize_s"):
+        index = pretokenize(tok, files, run.work_dir / "tokens", cfg.docs_per_shard, cfg.num_proc)
+    run.counts.update({"num_docs": index["num_docs"], "num_sentences": index["num_sentences"],
+                       "num_tokens": index["num_tokens"], "num_shards": len(index["shards"]),
+                       "vocab_size": vocab_size, "num_heldout_docs": scores["num_docs"]})
+    if num_lexicon_words is not None:
+        run.counts["num_lexicon_words"] = num_lexicon_words
+    info(f"tokenizer: {index['num_tokens']:,} tokens in {len(index['shards'])} shard(s), "
+         f"{index['num_docs']:,} documents, {index['num_sentences']:,} sentences")
