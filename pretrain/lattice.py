@@ -8,9 +8,12 @@ characters and the final [SEP]:
 
     [CLS] c1 .. cn [SEP] (d1 .. dm [SEP]) w1 .. wk          spans of w* point back into c*/d*
 
-Word ids: lexicon words are ordinary entries of the tokenizer vocabulary (the lattice tokenizer
-adds them after the characters), so characters and words share one embedding table and one MLM
-output layer. A `Lexicon` maps each word string to that id; words the vocabulary lacks are left out.
+Word ids: the tokenizer's vocabulary is character-level (tokenization/lexicon.py) and its
+`lexicon.txt` lists the words, most frequent first. Word k of the lexicon gets id `V + k`, where V is
+the tokenizer's vocab_size: one embedding table of V + num_words rows (model.lattice.num_words,
+rounded up to a multiple of 64) holds characters and words, and the MLM output layer predicts both.
+A `Lexicon` maps each word, as a tuple of character ids, to its id, so words are matched directly on
+the token ids of the shards.
 
 MSP (Lai et al., 2021, section 3.2): the characters of a sequence are cut into *segments*, the
 smallest runs such that no lattice token crosses a segment boundary (overlapping word spans are
@@ -44,11 +47,13 @@ def jieba_dict_path() -> Path:
     return Path(jieba.__file__).resolve().parent / "dict.txt"
 
 
-def read_lexicon(source: str | Path, *, max_word_len: int, max_words: int | None = None) -> list[str]:
+def read_lexicon(source: str | Path, *, max_words: int | None = None) -> list[str]:
     """Read a word list, most frequent first; `source` is a file path or "jieba".
 
-    A line is `word [frequency [tag]]`; lines without a frequency keep their file order after the
-    ones with one. Words shorter than 2 or longer than `max_word_len` characters are dropped.
+    A line is `word [frequency [tag]]` (tokenization's `lexicon.txt` is `word<TAB>frequency`, already
+    most frequent first); the sort is stable, so a file without frequencies keeps its order. Every
+    multi-character word is kept, so the rank of a word, and with it its id, is its line in a
+    sorted lexicon file; `Lexicon` ignores words longer than its max_word_len.
     """
     path = jieba_dict_path() if str(source) == "jieba" else Path(source)
     if not path.is_file():
@@ -60,50 +65,58 @@ def read_lexicon(source: str | Path, *, max_word_len: int, max_words: int | None
     entries: dict[str, float] = {}
     for line in lines:
         parts = line.split()
-        if not parts:
+        if not parts or len(parts[0]) < MIN_WORD_LEN or parts[0] in entries:
             continue
-        word = parts[0]
-        if not MIN_WORD_LEN <= len(word) <= max_word_len or word in entries:
-            continue
-        freq = float(parts[1]) if len(parts) > 1 and parts[1].replace(".", "", 1).isdigit() else -1.0
-        entries[word] = freq
-    # Stable sort: equal frequencies keep file order.
+        has_freq = len(parts) > 1 and parts[1].replace(".", "", 1).isdigit()
+        entries[parts[0]] = float(parts[1]) if has_freq else 0.0
     words = sorted(entries, key=lambda w: -entries[w])
     return words[:max_words] if max_words is not None else words
 
 
 class Lexicon:
-    """Word -> token id, with a prefix set so matching stops as soon as no word can continue.
+    """Lexicon words keyed by their character ids, with a prefix set so matching stops early.
 
-    Matching a sentence of n characters costs at most n * max_word_len set lookups, and in
-    practice far fewer: most two-character prefixes of Chinese text start no lexicon word.
+    Keys are tuples of character token ids, so words are matched directly on the token stream of
+    the shards. Matching a sentence of n characters costs at most n * max_word_len set lookups, and
+    in practice far fewer: most two-character prefixes of Chinese text start no lexicon word.
     """
 
-    def __init__(self, word_ids: Mapping[str, int], *, max_word_len: int):
+    def __init__(self, word_ids: Mapping[tuple[int, ...], int], *, max_word_len: int):
         self.max_word_len = max_word_len
-        self.word_ids = {w: int(i) for w, i in word_ids.items() if MIN_WORD_LEN <= len(w) <= max_word_len}
-        self._prefixes = {w[:k] for w in self.word_ids for k in range(1, len(w) + 1)}
+        self.word_ids = {tuple(int(c) for c in k): int(i) for k, i in word_ids.items()
+                         if MIN_WORD_LEN <= len(k) <= max_word_len}
+        self._prefixes = {k[:n] for k in self.word_ids for n in range(1, len(k) + 1)}
 
     @classmethod
-    def from_vocab(cls, words: Iterable[str], vocab: Mapping[str, int], *, max_word_len: int) -> Lexicon:
-        """The words that the tokenizer vocabulary holds, with their vocabulary ids."""
-        return cls({w: vocab[w] for w in words if w in vocab}, max_word_len=max_word_len)
+    def from_words(cls, words: Sequence[str], char_vocab: Mapping[str, int], *, first_word_id: int,
+                   max_word_len: int) -> Lexicon:
+        """Word k of `words` gets id `first_word_id + k` (the tokenizer's vocab_size for a lattice model).
+
+        Words with a character outside `char_vocab` can never match and are skipped, but keep
+        their rank, so ids stay those of the lexicon file.
+        """
+        table = {}
+        for k, word in enumerate(words):
+            if all(c in char_vocab for c in word):
+                table[tuple(char_vocab[c] for c in word)] = first_word_id + k
+        return cls(table, max_word_len=max_word_len)
 
     def __len__(self) -> int:
         return len(self.word_ids)
 
-    def match(self, chars: Sequence[str]) -> list[tuple[int, int, str]]:
-        """Every lexicon word in `chars`: (start, end inclusive, word), ordered by start then end."""
+    def match(self, char_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+        """Every lexicon word in `char_ids`: (start, end inclusive, word id), ordered by start then end."""
         found = []
-        n = len(chars)
+        ids = [int(c) for c in char_ids]
+        n = len(ids)
         for i in range(n):
-            prefix = chars[i]
             for j in range(i + 1, min(n, i + self.max_word_len)):
-                prefix += chars[j]
+                prefix = tuple(ids[i : j + 1])
                 if prefix not in self._prefixes:
                     break
-                if prefix in self.word_ids:
-                    found.append((i, j, prefix))
+                word_id = self.word_ids.get(prefix)
+                if word_id is not None:
+                    found.append((i, j, word_id))
         return found
 
 
@@ -122,14 +135,14 @@ class LatticeExample:
 
 
 def build_lattice(
-    segments: Sequence[tuple[Sequence[int], Sequence[str]]],
+    segments: Sequence[Sequence[int]],
     lexicon: Lexicon,
     *,
     cls_id: int,
     sep_id: int,
     max_len: int | None = None,
 ) -> LatticeExample:
-    """Build `[CLS] A [SEP] (B [SEP]) words` from one or two segments of (character ids, characters).
+    """Build `[CLS] A [SEP] (B [SEP]) words` from one or two segments of character ids.
 
     Words are matched inside each segment only (never across [SEP]) and appended in order of
     segment, start, end. With `max_len`, the characters must fit (the caller cuts sentences) and
@@ -137,15 +150,13 @@ def build_lattice(
     """
     assert 1 <= len(segments) <= 2, "a sequence holds one or two segments"
     ids, types, word_ids, word_spans, word_types = [cls_id], [0], [], [], []
-    for seg, (char_ids, chars) in enumerate(segments):
-        if len(char_ids) != len(chars):
-            raise DataError(f"build_lattice: {len(char_ids)} character ids but {len(chars)} characters")
+    for seg, char_ids in enumerate(segments):
         offset = len(ids)
         ids.extend(int(i) for i in char_ids)
         ids.append(sep_id)
         types.extend([seg] * (len(char_ids) + 1))
-        for start, end, word in lexicon.match(chars):
-            word_ids.append(lexicon.word_ids[word])
+        for start, end, word_id in lexicon.match(char_ids):
+            word_ids.append(word_id)
             word_spans.append((offset + start, offset + end))
             word_types.append(seg)
     num_chars = len(ids)

@@ -15,16 +15,17 @@ from kompakt.pretrain.lattice import (
 
 CLS, SEP, MASK = 1, 2, 3
 SPECIALS = {0, CLS, SEP, MASK}
-VOCAB = {"研": 10, "究": 11, "生": 12, "命": 13, "起": 14, "源": 15, "研究": 20, "研究生": 21, "生命": 22, "起源": 23}
+CHARS = {"研": 10, "究": 11, "生": 12, "命": 13, "起": 14, "源": 15}
+# A character vocabulary of 20 ids: lexicon word k gets id 20 + k.
+VOCAB_SIZE = 20
 
 
 def lexicon(words=("研究", "研究生", "生命", "起源")):
-    return Lexicon.from_vocab(words, VOCAB, max_word_len=8)
+    return Lexicon.from_words(words, CHARS, first_word_id=VOCAB_SIZE, max_word_len=8)
 
 
 def sentence(text):
-    chars = list(text)
-    return [VOCAB[c] for c in chars], chars
+    return [CHARS[c] for c in text]
 
 
 def test_hand_checked_lattice():
@@ -56,11 +57,13 @@ def test_max_len_drops_words_from_the_end():
 
 
 def test_jieba_lexicon_matches_real_words():
-    words = read_lexicon("jieba", max_word_len=4, max_words=20000)
-    assert len(words) == 20000 and all(2 <= len(w) <= 4 for w in words)
-    lex = Lexicon({w: i for i, w in enumerate(words)}, max_word_len=4)
-    found = {w for _, _, w in lex.match(list("中国人民银行"))}
-    assert {"中国", "人民", "银行"} <= found
+    words = read_lexicon("jieba", max_words=20000)
+    assert len(words) == 20000 and all(len(w) >= 2 for w in words)
+    chars = {c: i for i, c in enumerate(sorted({c for w in words for c in w}))}
+    lex = Lexicon.from_words(words, chars, first_word_id=len(chars), max_word_len=4)
+    assert 0 < len(lex) <= len(words)
+    found = {words[w - len(chars)] for _, _, w in lex.match([chars[c] for c in "中国人民银行"])}
+    assert {"中国", "人民", "银行"} <= found and all(len(w) <= 4 for w in found)
 
 
 def test_segments_merge_overlaps_only():

@@ -1,0 +1,263 @@
+"""Lattice-BERT as Hugging Face classes: `LatticeBertConfig`, `LatticeBertModel`, `LatticeBertForMaskedLM`.
+
+`import kompakt` registers them with `AutoConfig`, `AutoModel` and `AutoModelForMaskedLM` under
+`model_type = "lattice-bert"`, so an exported folder loads with `AutoModel.from_pretrained(folder)`
+and no remote code. The classes wrap the packed encoder of kompakt/models/lattice.py: a padded
+batch is packed (padding removed), run, and scattered back, so the hidden states equal the packed
+model's exactly.
+
+Inputs (a padded HF-style batch, B rows of L tokens):
+
+- `input_ids` (B, L): `[CLS] characters [SEP] (characters [SEP]) words`, then padding. Characters
+  use the tokenizer's ids; word k of the tokenizer's `lexicon.txt` has id `config.vocab_size + k`.
+  `kompakt.pretrain.lattice.build_lattice` builds a row from character ids and a `Lexicon`.
+- `attention_mask` (B, L): 1 on real tokens, 0 on padding (the real tokens of a row must be contiguous).
+- `lattice_start`, `lattice_end` (B, L): the span of each token in character positions of its row
+  (a character or [CLS]/[SEP] at position i has (i, i), a word over positions i..j has (i, j)).
+  Without them every token is taken as a character at its own position (a plain BERT over characters).
+- `token_type_ids` (B, L): 0 for the first segment and its words, 1 for the second (default zeros).
+
+Outputs: `last_hidden_state` (B, L, D), zero on padding; `LatticeBertForMaskedLM` adds `logits`
+(B, L, vocab_size + words) and, with `labels` (-100 = ignore), the cross-entropy `loss`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel)
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+
+from kompakt.model_config import LatticeConfig, ModelConfig
+from kompakt.models import lattice
+from kompakt.models.bert import BertOnlyMLMHead
+
+MODEL_TYPE = "lattice-bert"
+
+# Tokenizer-side files copied into an exported folder when present; lexicon.txt gives word ids.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "lexicon.txt")
+
+
+class LatticeBertConfig(PretrainedConfig):
+    """Sizes of a Lattice-BERT; `vocab_size` is the character vocabulary, `num_words` the lexicon's words.
+
+    The embedding table has vocab_size + num_words rounded up to a multiple of 64 rows.
+    """
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, vocab_size: int = 21_120, num_words: int = 0, hidden_size: int = 768,
+                 num_hidden_layers: int = 12, num_attention_heads: int = 12, intermediate_size: int = 3072,
+                 hidden_act: str = "gelu", hidden_dropout_prob: float = 0.0, max_position_embeddings: int = 512,
+                 type_vocab_size: int = 2, initializer_range: float = 0.02, layer_norm_eps: float = 1e-12,
+                 max_relative_distance: int = 32, max_word_len: int = 8, pad_token_id: int = 0, **kwargs):
+        self.vocab_size = vocab_size
+        self.num_words = num_words
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.max_position_embeddings = max_position_embeddings
+        self.type_vocab_size = type_vocab_size
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.max_relative_distance = max_relative_distance
+        self.max_word_len = max_word_len
+        kwargs.setdefault("tie_word_embeddings", True)
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+
+def to_model_config(config: LatticeBertConfig) -> ModelConfig:
+    """Our `ModelConfig` (family "lattice") from the HF config."""
+    return ModelConfig(family="lattice", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                       num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                       intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
+                       dropout=config.hidden_dropout_prob, max_position_embeddings=config.max_position_embeddings,
+                       type_vocab_size=config.type_vocab_size, initializer_range=config.initializer_range,
+                       layer_norm_eps=config.layer_norm_eps, attention="padded",
+                       lattice=LatticeConfig(num_words=config.num_words, max_word_len=config.max_word_len,
+                                             max_relative_distance=config.max_relative_distance))
+
+
+def from_model_config(cfg: ModelConfig) -> LatticeBertConfig:
+    """The HF config of a family "lattice" `ModelConfig`."""
+    return LatticeBertConfig(vocab_size=cfg.vocab_size, num_words=cfg.lattice.num_words,
+                             hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                             num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                             hidden_act=cfg.act, hidden_dropout_prob=cfg.dropout,
+                             max_position_embeddings=cfg.max_position_embeddings,
+                             type_vocab_size=cfg.type_vocab_size, initializer_range=cfg.initializer_range,
+                             layer_norm_eps=cfg.layer_norm_eps, max_relative_distance=cfg.lattice.max_relative_distance,
+                             max_word_len=cfg.lattice.max_word_len)
+
+
+class LatticeBertPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading glue shared by the Lattice-BERT HF classes."""
+
+    config: LatticeBertConfig
+    config_class = LatticeBertConfig
+    base_model_prefix = "lattice_bert"
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+
+
+def pack_padded(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flat indices (T,) of the real tokens of a (B, L) mask, their cu_seqlens (B+1,) and longest row."""
+    keep_BL = attention_mask.bool()
+    lengths_B = keep_BL.sum(dim=1)
+    cu_seqlens = torch.zeros(len(lengths_B) + 1, dtype=torch.int32, device=attention_mask.device)
+    cu_seqlens[1:] = torch.cumsum(lengths_B, 0)
+    return keep_BL.flatten().nonzero().squeeze(1), cu_seqlens, int(lengths_B.max())
+
+
+class LatticeBertModel(LatticeBertPreTrainedModel):
+    """The Lattice-BERT encoder on a padded batch (inputs: see the module docstring)."""
+
+    def __init__(self, config: LatticeBertConfig):
+        super().__init__(config)
+        self.lattice = lattice.LatticeBertModel(to_model_config(config))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.lattice.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.lattice.embeddings.word_embeddings = value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                lattice_start: torch.Tensor | None = None, lattice_end: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, return_dict: bool | None = None, **kwargs
+                ) -> BaseModelOutput | tuple:
+        """`last_hidden_state` (B, L, D): the packed encoder's output scattered back, zero on padding."""
+        B, L = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if lattice_start is None:
+            # Characters only: each token's span is its own position among the row's real tokens.
+            lattice_start = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        if lattice_end is None:
+            lattice_end = lattice_start
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        index_T, cu_seqlens, max_seqlen = pack_padded(attention_mask)
+        flat = lambda x_BL: x_BL.reshape(B * L).index_select(0, index_T)  # noqa: E731
+        x_TD = self.lattice(flat(input_ids), cu_seqlens, flat(lattice_start), flat(lattice_end), max_seqlen,
+                            flat(token_type_ids))
+        hidden_BLD = x_TD.new_zeros(B * L, x_TD.shape[-1]).index_copy(0, index_T, x_TD).view(B, L, -1)
+        if return_dict is False:
+            return (hidden_BLD,)
+        return BaseModelOutput(last_hidden_state=hidden_BLD)
+
+
+class LatticeBertForMaskedLM(LatticeBertPreTrainedModel):
+    """Lattice-BERT with its MLM head over characters and words (tied to the input embeddings)."""
+
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "lattice_bert.lattice.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: LatticeBertConfig):
+        super().__init__(config)
+        self.lattice_bert = LatticeBertModel(config)
+        mcfg = to_model_config(config)
+        head_cfg = mcfg.model_copy(update={"vocab_size": lattice.num_embedding_rows(mcfg)})
+        self.cls = BertOnlyMLMHead(head_cfg, self.lattice_bert.get_input_embeddings())
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                lattice_start: torch.Tensor | None = None, lattice_end: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_dict: bool | None = None, **kwargs) -> MaskedLMOutput | tuple:
+        """`logits` (B, L, rows) on every position; `loss` over `labels` != -100 when given."""
+        hidden_BLD = self.lattice_bert(input_ids, attention_mask, lattice_start, lattice_end,
+                                       token_type_ids).last_hidden_state
+        logits_BLV = self.cls.predictions(hidden_BLD)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits_BLV.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        if return_dict is False:
+            return (logits_BLV,) if loss is None else (loss, logits_BLV)
+        return MaskedLMOutput(loss=loss, logits=logits_BLV, hidden_states=(hidden_BLD,))
+
+
+def register() -> None:
+    """Make `AutoConfig`/`AutoModel`/`AutoModelForMaskedLM` know "lattice-bert" (idempotent)."""
+    try:
+        AutoConfig.register(MODEL_TYPE, LatticeBertConfig)
+    except ValueError:
+        return  # already registered by an earlier import
+    AutoModel.register(LatticeBertConfig, LatticeBertModel)
+    AutoModelForMaskedLM.register(LatticeBertConfig, LatticeBertForMaskedLM)
+
+
+def to_hf_model(model: lattice.LatticeBertForPreTraining) -> LatticeBertForMaskedLM:
+    """Our packed pretraining model's weights in a `LatticeBertForMaskedLM` (keys gain `lattice_bert.lattice.`)."""
+    hf = LatticeBertForMaskedLM(from_model_config(model.cfg))
+    state = {}
+    for key, value in model.state_dict().items():
+        prefix = "lattice_bert."
+        state[f"lattice_bert.lattice.{key[len(prefix):]}" if key.startswith(prefix) else key] = value
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()
+
+
+MODEL_CARD = """---
+library_name: transformers
+tags: [lattice-bert, chinese, fill-mask, kompakt]
+---
+# Lattice-BERT (kompakt)
+
+A Chinese Lattice-BERT encoder (Lai et al., 2021) pretrained with kompakt using masked segment prediction.
+Load it with `import kompakt` first (it registers `model_type="lattice-bert"`), then
+`transformers.AutoModel.from_pretrained(folder)` or `AutoModelForMaskedLM.from_pretrained(folder)`.
+
+Inputs, per padded row: `input_ids` = [CLS] characters [SEP] then the lexicon words found in the
+characters (word k of `lexicon.txt` has id {vocab_size} + k), `attention_mask`, `lattice_start` and
+`lattice_end` (each token's first and last character position in the row; [CLS]/[SEP] and characters
+use their own position), `token_type_ids`. Build rows with `kompakt.pretrain.lattice.build_lattice`.
+
+Sizes: {num_layers} layers, hidden {hidden}, {heads} heads, {vocab_size} characters + {num_words} words,
+relative distances clipped at {max_rel}.
+"""
+
+
+def export(model: lattice.LatticeBertForPreTraining, out_dir: str | Path,
+           tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a Hugging Face folder: config.json, model.safetensors, model card, tokenizer + lexicon files."""
+    out = Path(out_dir)
+    hf = to_hf_model(model)
+    hf.save_pretrained(out, safe_serialization=True)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+    cfg = model.cfg
+    (out / "README.md").write_text(MODEL_CARD.format(
+        vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, hidden=cfg.hidden_size, heads=cfg.num_heads,
+        num_words=cfg.lattice.num_words, max_rel=cfg.lattice.max_relative_distance), encoding="utf-8")
+    return out

@@ -1,0 +1,149 @@
+"""Lattice-BERT (Lai et al., 2021): a BERT encoder over a lattice of characters and words.
+
+Input: the packed batch of the batch contract plus, per token,
+
+- `lattice_start` (T,) int64: position (within its sequence) of the token's first character,
+- `lattice_end`   (T,) int64: position of its last character, inclusive.
+
+A character at position i has span (i, i); [CLS] and [SEP] use their own position; a lexicon word over
+characters i..j has (i, j) and sits after the sequence's final [SEP] (see pretrain/lattice.py, which
+builds these inputs). Word tokens are ordinary vocabulary ids: characters and words share the
+embedding table and the MLM output layer. `position_ids` is ignored; the absolute position of a token
+is its `lattice_start`.
+
+Lattice position attention: every layer adds to its attention scores a per-head bias
+
+    bias[h, i, j] = E_ss[clip(s_i - s_j), h] + E_se[clip(s_i - e_j), h]
+                  + E_es[clip(e_i - s_j), h] + E_ee[clip(e_i - e_j), h]
+
+the SUM of four learned embeddings of relative distances, each clipped to [-R, R] with
+R = `model.lattice.max_relative_distance`. The bias is computed once per forward and shared by all
+layers (as T5 shares its relative bias), which costs B * H * L^2 floats per micro-batch. Absolute
+positions enter BERT-style, through the position embedding of `lattice_start`. With the bias
+tables at zero and a characters-only input, the model is exactly a BERT encoder (tested).
+
+Attention runs through kompakt/models/packing.py's "padded" backend: the packed stream is scattered
+into (B, L) only for the SDPA call, whose additive float mask holds the bias plus -inf on padding
+keys, so attention never crosses a sequence boundary. The Hugging Face classes in
+kompakt/hf_lattice.py run the same encoder on a padded batch.
+
+Parameter names are HF `BertModel`'s plus `position_bias.embeddings.weight` (the four bias tables
+stacked), so BERT weights load into a Lattice-BERT (`load_state_dict(..., strict=False)`) unchanged.
+
+Legend: T tokens in the packed stream, B sequences, L longest sequence, H heads, D hidden size,
+R max relative distance, M predicted positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from kompakt.model_config import ModelConfig
+from kompakt.models.bert import BertEmbeddings, BertEncoder, BertOnlyMLMHead, finish, init_weights, mlm_loss
+from kompakt.models.packing import AttentionPlan, plan_attention
+
+# The four relative distances between spans (s, e) of query i and key j, in the order of `E`.
+DISTANCE_TYPES = ("start-start", "start-end", "end-start", "end-end")
+
+
+class LatticePositionBias(nn.Module):
+    """Per-head attention bias from the clipped relative distances between two tokens' spans."""
+
+    def __init__(self, num_heads: int, max_relative_distance: int):
+        super().__init__()
+        self.max_relative_distance = max_relative_distance
+        # One table for the 4 distance types: rows [k * (2R + 1), (k + 1) * (2R + 1)) belong to type k.
+        self.embeddings = nn.Embedding(len(DISTANCE_TYPES) * (2 * max_relative_distance + 1), num_heads)
+
+    def forward(self, start_BL: torch.Tensor, end_BL: torch.Tensor) -> torch.Tensor:
+        """The bias (B, H, L, L) for spans (B, L) of one padded batch."""
+        R = self.max_relative_distance
+        width = 2 * R + 1
+        bias_BLLH = None
+        for k, (q_BL, k_BL) in enumerate(((start_BL, start_BL), (start_BL, end_BL),
+                                          (end_BL, start_BL), (end_BL, end_BL))):
+            index_BLL = (q_BL[:, :, None] - k_BL[:, None, :]).clamp(-R, R) + R + k * width
+            term = self.embeddings(index_BLL)
+            bias_BLLH = term if bias_BLLH is None else bias_BLLH + term
+        return bias_BLLH.permute(0, 3, 1, 2)
+
+
+def pad_to_batch(x_T: torch.Tensor, plan: AttentionPlan, fill: int = 0) -> torch.Tensor:
+    """Scatter a per-token tensor (T, ...) of the packed stream into (B, L, ...) with `fill` in padding."""
+    B, L = plan.num_seqs, plan.max_seqlen
+    out = x_T.new_full((B * L, *x_T.shape[1:]), fill)
+    return out.index_copy(0, plan.index_T, x_T).view(B, L, *x_T.shape[1:])
+
+
+def lattice_plan(position_bias: LatticePositionBias, cu_seqlens: torch.Tensor, max_seqlen: int | None,
+                 lattice_start: torch.Tensor, lattice_end: torch.Tensor, dtype: torch.dtype) -> AttentionPlan:
+    """A "padded" attention plan whose mask is the additive lattice bias plus -inf on padding keys."""
+    plan = plan_attention(cu_seqlens, max_seqlen, lattice_start.shape[0], backend="padded", dtype=dtype)
+    bias_BHLL = position_bias(pad_to_batch(lattice_start, plan), pad_to_batch(lattice_end, plan)).to(dtype)
+    # plan.mask is (B, 1, 1, L), True on real keys; padding keys get the most negative float, not -inf,
+    # so padded query rows (which are thrown away) stay finite.
+    keys = plan.mask
+    bias_BHLL = bias_BHLL.masked_fill(~keys, torch.finfo(dtype).min)
+    return dataclasses.replace(plan, mask=bias_BHLL)
+
+
+def num_embedding_rows(cfg: ModelConfig) -> int:
+    """Rows of the shared character + word table: vocab_size + num_words rounded up to a multiple of 64."""
+    assert cfg.vocab_size is not None, "model.vocab_size is filled from the tokenizer before building"
+    return cfg.vocab_size + (cfg.lattice.num_words + 63) // 64 * 64
+
+
+class LatticeBertModel(nn.Module):
+    """The Lattice-BERT encoder: a packed lattice batch in, hidden states (T, D) out."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg.model_copy(update={"vocab_size": num_embedding_rows(cfg)}),
+                                         cfg.hidden_size)
+        self.position_bias = LatticePositionBias(cfg.num_heads, cfg.lattice.max_relative_distance)
+        self.encoder = BertEncoder(cfg)
+        init_weights(self, cfg.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, lattice_start: torch.Tensor,
+                lattice_end: torch.Tensor, max_seqlen: int | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Hidden states (T, D). `position_ids` is accepted for the batch contract and ignored:
+        a lattice token's absolute position is its `lattice_start`."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x_TD = self.embeddings(input_ids, lattice_start, token_type_ids)
+        plan = lattice_plan(self.position_bias, cu_seqlens, max_seqlen, lattice_start, lattice_end, x_TD.dtype)
+        for layer in self.encoder.layer:
+            x_TD = layer(x_TD, plan)
+        return x_TD
+
+
+class LatticeBertForPreTraining(nn.Module):
+    """Lattice-BERT with masked segment prediction (MSP): the MLM head on the masked lattice tokens,
+    characters and words alike (their ids share one output layer tied to the embeddings)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.lattice_bert = LatticeBertModel(cfg)
+        head_cfg = cfg.model_copy(update={"vocab_size": num_embedding_rows(cfg)})
+        self.cls = BertOnlyMLMHead(head_cfg, self.lattice_bert.embeddings.word_embeddings)
+        init_weights(self.cls, cfg.initializer_range)
+
+    def forward(self, input_ids, cu_seqlens, lattice_start, lattice_end, mlm_positions, mlm_labels=None,
+                max_seqlen=None, token_type_ids=None, position_ids=None) -> dict:
+        """Packed lattice batch in; dict with loss, losses {"msp"}, num_predictions, mlm_logits (M, V) out."""
+        x_TD = self.lattice_bert(input_ids, cu_seqlens, lattice_start, lattice_end, max_seqlen, token_type_ids)
+        logits_MV = self.cls.predictions(x_TD.index_select(0, mlm_positions))
+        losses = {"msp": mlm_loss(logits_MV, mlm_labels)} if mlm_labels is not None else {}
+        return finish({"mlm_logits": logits_MV}, losses, mlm_positions.numel())
+
+
+def build_lattice_model(cfg: ModelConfig) -> LatticeBertForPreTraining:
+    """The pretraining model of family "lattice" (called by kompakt.models.build_pretraining_model)."""
+    return LatticeBertForPreTraining(cfg)
