@@ -31,6 +31,7 @@ from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel)
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
+from kompakt.errors import DataError
 from kompakt.model_config import LatticeConfig, ModelConfig
 from kompakt.models import lattice
 from kompakt.models.bert import BertOnlyMLMHead
@@ -226,6 +227,16 @@ def to_hf_model(model: lattice.LatticeBertForPreTraining) -> LatticeBertForMaske
     return hf.eval()
 
 
+def load_pretrained(path: str | Path) -> lattice.LatticeBertForPreTraining:
+    """Our packed pretraining model from an exported (or any `LatticeBertForMaskedLM`) folder."""
+    hf = LatticeBertForMaskedLM.from_pretrained(path)
+    model = lattice.LatticeBertForPreTraining(to_model_config(hf.config))
+    prefix = "lattice_bert.lattice."
+    state = {(f"lattice_bert.{k[len(prefix):]}" if k.startswith(prefix) else k): v for k, v in hf.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 MODEL_CARD = """---
 library_name: transformers
 tags: [lattice-bert, chinese, fill-mask, kompakt]
@@ -247,17 +258,31 @@ relative distances clipped at {max_rel}.
 
 
 def export(model: lattice.LatticeBertForPreTraining, out_dir: str | Path,
-           tokenizer_dir: str | Path | None = None) -> Path:
-    """Write a Hugging Face folder: config.json, model.safetensors, model card, tokenizer + lexicon files."""
+           tokenizer_dir: str | Path | None = None, model_card: str | None = None) -> Path:
+    """Write a Hugging Face folder: config.json, model.safetensors, README.md, tokenizer files and lexicon.txt.
+
+    Written into `<out_dir>.tmp` and renamed, so a kill leaves no half-written folder. Without
+    `model_card`, README.md describes the inputs (MODEL_CARD).
+    """
     out = Path(out_dir)
-    hf = to_hf_model(model)
-    hf.save_pretrained(out, safe_serialization=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    to_hf_model(model).save_pretrained(tmp, safe_serialization=True)
     if tokenizer_dir is not None:
+        tok = Path(tokenizer_dir)
+        if not (tok / "lexicon.txt").is_file():
+            raise DataError(f"{tok} has no lexicon.txt; pass the folder of a tokenization run with "
+                            "tokenizer.lexicon set, whose lexicon gives the word ids")
         for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+            if (tok / name).is_file():
+                shutil.copy2(tok / name, tmp / name)
     cfg = model.cfg
-    (out / "README.md").write_text(MODEL_CARD.format(
+    card = model_card if model_card is not None else MODEL_CARD.format(
         vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, hidden=cfg.hidden_size, heads=cfg.num_heads,
-        num_words=cfg.lattice.num_words, max_rel=cfg.lattice.max_relative_distance), encoding="utf-8")
+        num_words=cfg.lattice.num_words, max_rel=cfg.lattice.max_relative_distance)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return out
