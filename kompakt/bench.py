@@ -43,6 +43,10 @@ def run(what: str, recipe: str, quick: bool = False) -> dict:
 
         result = pretokenize_throughput(recipe, quick=quick)
         result["dedup"] = dedup_rate(recipe, quick=quick)
+    elif what == "model":
+        from kompakt.eval.bench_model import model_throughput
+
+        result = model_throughput(recipe, quick=quick)
     else:
         raise ValueError(f"unknown benchmark {what!r}")
     result["device"] = device_name()
