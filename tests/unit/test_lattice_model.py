@@ -128,3 +128,13 @@ def test_msp_pretraining_step_trains_the_bias():
 def test_word_rows_round_up_to_64(num_words, rows):
     m = LatticeBertModel(config(lattice={"num_words": num_words}))
     assert m.embeddings.word_embeddings.num_embeddings == rows
+
+
+def test_flops_are_berts_over_the_word_table_plus_the_bias():
+    from kompakt.models.flops import model_flops
+
+    lat = config()  # 64 characters + 20 words -> 128 rows, 2 layers, 4 heads
+    bert = ModelConfig(**{**lat.model_dump(), "family": "bert", "vocab_size": 128})
+    extra = model_flops(lat, [10, 6], 5) - model_flops(bert, [10, 6], 5)
+    # 3 (forward + backward) x (3 sums + 2 layer adds) x 4 heads x (10^2 + 6^2) bias additions.
+    assert extra == 3 * (3 + 2) * 4 * (100 + 36)
