@@ -21,7 +21,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -144,8 +144,11 @@ def pretokenize(tok: Tokenizer, files: Sequence[Path], out_dir: Path, docs_per_s
     if num_workers == 1:
         entries = _write_shards(*args, parts[0], docs_per_shard, num_docs, out_dir, vocab_size, True)
     else:
-        # spawn, not fork: a forked child of a process whose Rust thread pool has started can deadlock.
-        with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
+        # fork where there is one: a spawned child re-imports the parent's main module (seconds when
+        # that pulls in transformers and torch). tokenizers disables its Rust pool in forked children,
+        # and the children run with it off anyway.
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(num_workers, mp_context=get_context(method)) as pool:
             futures = [pool.submit(_write_shards, *args, p, docs_per_shard, num_docs, out_dir, vocab_size, False)
                        for p in parts]
             entries = [e for f in futures for e in f.result()]

@@ -5,7 +5,8 @@ Writes into `run.work_dir`:
 - `tokenizer/`   a Hugging Face folder that `AutoTokenizer.from_pretrained` loads offline
 - `report.json`  fertility, unknown rate, whole-word share and round trips on held-out documents
 - `tokens/`      packed shards (kompakt/shards.py) of every document, held-out ones included
-- `lexicon.txt`  Chinese only (`chinese_chars` with `lexicon`): the word lexicon for lattice models
+- `tokenizer/lexicon.txt`  Chinese with `lexicon` only: the word lexicon of lattice models, kept in
+  the tokenizer folder because word k's id is vocab_size + k, so it travels with the tokenizer
 
 Held-out documents (by a hash of their id, `heldout_fraction`) are left out of tokenizer training
 so the report measures text the tokenizer has not seen; they are still written to the shards.
@@ -43,7 +44,7 @@ def run(cfg: TokenizerConfig, corpus_dir: Path, run: StageRun) -> None:
     num_lexicon_words = None
     if cfg.lexicon is not None:
         words = build_lexicon(tok.get_vocab(with_added_tokens=False), lexicon_source(cfg.lexicon), cfg.lexicon_size)
-        write_lexicon(run.work_dir / "lexicon.txt", words)
+        write_lexicon(run.work_dir / "tokenizer" / "lexicon.txt", words)
         num_lexicon_words = len(words)
 
     with run.timed("report_s"):
@@ -52,7 +53,7 @@ def run(cfg: TokenizerConfig, corpus_dir: Path, run: StageRun) -> None:
     report = {"kind": cfg.kind, "family": cfg.family, "vocab_size": vocab_size, "lowercase": cfg.lowercase,
               "strip_accents": cfg.strip_accents, "heldout": scores}
     if num_lexicon_words is not None:
-        report["num_lexicon_words"] = num_lexicon_words
+        report.update(num_lexicon_words=num_lexicon_words, lexicon="tokenizer/lexicon.txt")
     write_json_atomic(run.work_dir / "report.json", report)
     table(f"tokenizer {cfg.kind}/{cfg.family}, held-out documents", ["metric", "value"], [
         ("vocabulary size", vocab_size), ("held-out documents", scores["num_docs"]),
