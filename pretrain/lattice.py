@@ -34,7 +34,9 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from kompakt.errors import DataError
+from kompakt.errors import ConfigError, DataError
+from kompakt.objective_config import ObjectiveConfig
+from kompakt.pretrain.masking import Example, SpecialIds, example_rng
 
 # A word of one character is already a character token; lattice words have at least 2.
 MIN_WORD_LEN = 2
@@ -141,12 +143,14 @@ def build_lattice(
     cls_id: int,
     sep_id: int,
     max_len: int | None = None,
+    cuts: Sequence[Sequence[int]] = (),
 ) -> LatticeExample:
     """Build `[CLS] A [SEP] (B [SEP]) words` from one or two segments of character ids.
 
-    Words are matched inside each segment only (never across [SEP]) and appended in order of
-    segment, start, end. With `max_len`, the characters must fit (the caller cuts sentences) and
-    words that do not fit are dropped from the end.
+    Words are matched inside each segment only (never across [SEP]) nor across `cuts[k]`, the
+    sentence starts inside segment k, and appended in order of segment, start, end. With
+    `max_len`, the characters must fit (the caller cuts sentences) and words that do not fit are
+    dropped from the end.
     """
     assert 1 <= len(segments) <= 2, "a sequence holds one or two segments"
     ids, types, word_ids, word_spans, word_types = [cls_id], [0], [], [], []
@@ -155,10 +159,12 @@ def build_lattice(
         ids.extend(int(i) for i in char_ids)
         ids.append(sep_id)
         types.extend([seg] * (len(char_ids) + 1))
-        for start, end, word_id in lexicon.match(char_ids):
-            word_ids.append(word_id)
-            word_spans.append((offset + start, offset + end))
-            word_types.append(seg)
+        bounds = [0, *sorted(int(c) for c in (cuts[seg] if seg < len(cuts) else ())), len(char_ids)]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            for start, end, word_id in lexicon.match(char_ids[lo:hi]):
+                word_ids.append(word_id)
+                word_spans.append((offset + lo + start, offset + lo + end))
+                word_types.append(seg)
     num_chars = len(ids)
     if max_len is not None:
         if num_chars > max_len:
@@ -199,19 +205,18 @@ def msp_mask(
     *,
     mask_id: int,
     special_ids: Iterable[int],
-    vocab_size: int,
+    replacement_ids: np.ndarray,
     mask_prob: float = 0.15,
+    mask_token_prob: float = 0.8,
     random_token_prob: float = 0.1,
-    keep_prob: float = 0.1,
-    num_special_ids: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Masked segment prediction: returns (masked input_ids, positions, labels).
 
     Whole segments are chosen in random order while the masked characters stay within
     `round(mask_prob * num_characters)` (at least 1); a segment longer than what is left is skipped,
     so a sequence whose only segments are long may get no prediction. Each masked token becomes
-    [MASK] with probability 1 - random_token_prob - keep_prob, a random id in
-    [num_special_ids, vocab_size) with random_token_prob, and stays itself with keep_prob.
+    [MASK] with probability mask_token_prob, a random id from `replacement_ids` with
+    random_token_prob, and stays itself otherwise (the 80/10/10 rule by default).
     `positions` are the masked tokens' indices in the example, ascending.
     """
     ids = example.input_ids
@@ -237,10 +242,10 @@ def msp_mask(
     labels = ids[positions].copy()
     masked = ids.copy()
     u = rng.random(len(positions))
-    to_mask = u < 1.0 - random_token_prob - keep_prob
-    to_random = (u >= 1.0 - random_token_prob - keep_prob) & (u < 1.0 - keep_prob)
+    to_mask = u < mask_token_prob
+    to_random = (u >= mask_token_prob) & (u < mask_token_prob + random_token_prob)
     masked[positions[to_mask]] = mask_id
-    masked[positions[to_random]] = rng.integers(num_special_ids, vocab_size, int(to_random.sum()))
+    masked[positions[to_random]] = rng.choice(replacement_ids, size=int(to_random.sum()))
     return masked, positions, labels
 
 
@@ -270,3 +275,56 @@ def collate_lattice(
         batch["mlm_positions"] = torch.from_numpy(np.concatenate([m[1] + o for m, o in zip(masks, offsets)]))
         batch["mlm_labels"] = torch.from_numpy(np.concatenate([m[2] for m in masks]).astype(np.int64))
     return batch
+
+
+# The lexicon `collate_msp` matches with when its caller passes none (see `use_lexicon`).
+_LEXICON: list[Lexicon] = []
+
+
+def use_lexicon(lexicon: Lexicon) -> None:
+    """Set the lexicon `collate_msp` uses by default; the pretraining loop calls it once at start-up
+    (the shared collator interface, `collate_examples(examples, cfg, specials, seed)`, carries none)."""
+    _LEXICON[:] = [lexicon]
+
+
+def load_run_lexicon(lexicon_path: str | Path, char_vocab: Mapping[str, int], vocab_size: int,
+                     max_word_len: int, num_words: int | None = None) -> Lexicon:
+    """The `Lexicon` of a tokenization run: word k of its `lexicon.txt` gets id vocab_size + k.
+
+    `num_words` (model.lattice.num_words) must cover the file's words, or their ids would fall
+    outside the model's embedding table.
+    """
+    words = read_lexicon(lexicon_path)
+    if num_words is not None and len(words) > num_words:
+        raise DataError(f"{lexicon_path} lists {len(words)} words but model.lattice.num_words={num_words}; "
+                        f"set model.lattice.num_words={len(words)}")
+    return Lexicon.from_words(words, char_vocab, first_word_id=vocab_size, max_word_len=max_word_len)
+
+
+def collate_msp(examples: Sequence[Example], cfg: ObjectiveConfig, specials: SpecialIds, seed: int,
+                lexicon: Lexicon | None = None) -> dict:
+    """Lattice-BERT's collator for `pretrain.objective.masking=msp` (called by pretrain/collate.py).
+
+    Each `Example` (character ids of one document run, `sent_starts` inside it) becomes
+    `[CLS] characters [SEP] words` with words matched inside sentences, is MSP-masked with the
+    generator of (seed, example.index) and packed with `collate_lattice`. Words may make a sequence
+    up to 2 x objective.max_seq_len tokens long: the loader's token budget counts characters only.
+    """
+    if cfg.sop:
+        raise ConfigError("pretrain.objective.sop=true does not apply to masking=msp (Lattice-BERT); "
+                          "set pretrain.objective.sop=false")
+    if lexicon is None:
+        if not _LEXICON:
+            raise ConfigError("masking=msp needs the tokenizer's word lexicon; call "
+                              "kompakt.pretrain.lattice.use_lexicon(load_run_lexicon(...)) before loading batches")
+        lexicon = _LEXICON[0]
+    special_ids = {specials.cls, specials.sep, specials.mask, specials.pad}
+    lattices, masks = [], []
+    for ex in examples:
+        lat = build_lattice([np.asarray(ex.tokens, dtype=np.int64)], lexicon, cls_id=specials.cls,
+                            sep_id=specials.sep, max_len=2 * cfg.max_seq_len, cuts=[ex.sent_starts])
+        masks.append(msp_mask(lat, example_rng(seed, ex.index), mask_id=specials.mask, special_ids=special_ids,
+                              replacement_ids=specials.replacement_ids, mask_prob=cfg.mask_rate,
+                              mask_token_prob=cfg.mask_token_prob, random_token_prob=cfg.random_token_prob))
+        lattices.append(lat)
+    return collate_lattice(lattices, masks)

@@ -2,16 +2,22 @@
 
 import numpy as np
 import pytest
+import torch
 
-from kompakt.errors import DataError
+from kompakt.errors import ConfigError, DataError
+from kompakt.objective_config import ObjectiveConfig
+from kompakt.pretrain.collate import collate_examples
 from kompakt.pretrain.lattice import (
     Lexicon,
     build_lattice,
     collate_lattice,
     lattice_segments,
+    load_run_lexicon,
     msp_mask,
     read_lexicon,
+    use_lexicon,
 )
+from kompakt.pretrain.masking import Example, SpecialIds
 
 CLS, SEP, MASK = 1, 2, 3
 SPECIALS = {0, CLS, SEP, MASK}
@@ -73,8 +79,8 @@ def test_segments_merge_overlaps_only():
 
 
 def mask(ex, seed, **kw):
-    return msp_mask(ex, np.random.default_rng(seed), mask_id=MASK, special_ids=SPECIALS, vocab_size=64,
-                    num_special_ids=4, **kw)
+    return msp_mask(ex, np.random.default_rng(seed), mask_id=MASK, special_ids=SPECIALS,
+                    replacement_ids=np.arange(4, 24), **kw)
 
 
 def test_msp_masks_whole_segments_without_leakage():
@@ -122,3 +128,43 @@ def test_collate_offsets_positions_into_the_packed_stream():
     assert batch["mlm_positions"].tolist() == m1[1].tolist() + (m2[1] + 12).tolist()
     flat_orig = np.concatenate([ex1.input_ids, ex2.input_ids])
     assert batch["mlm_labels"].tolist() == flat_orig[batch["mlm_positions"].numpy()].tolist()
+
+
+def test_words_do_not_cross_sentence_starts():
+    # "生命" spans the cut between "研究生" and "命起源".
+    ex = build_lattice([sentence("研究生命起源")], lexicon(), cls_id=CLS, sep_id=SEP, cuts=[[3]])
+    assert ex.input_ids[ex.num_chars :].tolist() == [20, 21, 23]
+
+
+def test_msp_replacement_follows_the_80_10_10_rule():
+    ex = build_lattice([sentence("研究生命起源" * 40)], lexicon(), cls_id=CLS, sep_id=SEP)
+    kinds = np.zeros(3)
+    for seed in range(30):
+        masked, positions, labels = mask(ex, seed)
+        new = masked[positions]
+        kinds += [(new == MASK).sum(), ((new != MASK) & (new != labels)).sum(), (new == labels).sum()]
+    share = kinds / kinds.sum()
+    assert 0.7 < share[0] < 0.9 and 0.03 < share[1] < 0.17 and 0.03 < share[2] < 0.17
+
+
+def test_collate_msp_through_the_shared_collator(tmp_path):
+    (tmp_path / "lexicon.txt").write_text("研究\t50\n生命\t40\n起源\t30\n研究生\t20\n", encoding="utf-8")
+    lex = load_run_lexicon(tmp_path / "lexicon.txt", CHARS, VOCAB_SIZE, max_word_len=8, num_words=4)
+    assert lex.word_ids[(10, 11)] == 20 and lex.word_ids[(10, 11, 12)] == 23
+    with pytest.raises(DataError, match="num_words=4"):
+        load_run_lexicon(tmp_path / "lexicon.txt", CHARS, VOCAB_SIZE, max_word_len=8, num_words=3)
+    use_lexicon(lex)
+    specials = SpecialIds(cls=CLS, sep=SEP, mask=MASK, pad=0, vocab_size=VOCAB_SIZE)
+    cfg = ObjectiveConfig(masking="msp", mask_rate=0.3, max_seq_len=64)
+    examples = [Example(index=i, tokens=np.array(sentence("研究生命起源" * (i + 1))), word_starts=np.ones(6 * (i + 1)),
+                        sent_starts=np.array([6 * k for k in range(1, i + 1)])) for i in range(3)]
+    batch = collate_examples(examples, cfg, specials, seed=5)
+    again = collate_examples(examples, cfg, specials, seed=5)
+    assert all(torch.equal(batch[k], again[k]) for k in batch if k != "max_seqlen")
+    # Example i holds i + 1 copies of the sentence: 6 characters and 4 words each, plus [CLS] and [SEP].
+    assert batch["cu_seqlens"].tolist() == [0, 12, 34, 66]
+    assert batch["lattice_start"].shape == batch["input_ids"].shape
+    assert len(batch["mlm_positions"]) > 0
+    cfg_sop = ObjectiveConfig(masking="msp", sop=True, max_seq_len=64)
+    with pytest.raises(ConfigError, match="sop"):
+        collate_examples(examples, cfg_sop, specials, seed=5)
