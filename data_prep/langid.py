@@ -41,8 +41,8 @@ def language_of(code: str) -> Language:
 
 
 def candidates(languages: list[str]) -> tuple[str, ...]:
-    """The recipe's languages first, then the confusers, without repeats."""
-    return tuple(dict.fromkeys([*languages, *CONFUSERS]))
+    """The recipe's languages and the confusers, sorted, so equal sets share one cached detector."""
+    return tuple(sorted({*languages, *CONFUSERS}))
 
 
 def get_detector(codes: tuple[str, ...], accuracy: str = "high") -> LanguageDetector:

@@ -23,6 +23,8 @@ from kompakt.errors import DataError
 
 # Rows per Arrow batch when reading Parquet and datasets folders (a few MB of text).
 ROW_BATCH = 1024
+# Bytes read at the start of a text file to tell binary from text.
+SNIFF_BYTES = 8192
 SUFFIXES = ".txt, .txt.gz, .jsonl, .jsonl.gz, .parquet or a datasets folder (Dataset.save_to_disk)"
 
 
@@ -53,6 +55,12 @@ def _lines(path: Path, cfg: DataConfig, counter: DecodeCounter) -> Iterator[tupl
     lineno = 0
     try:
         with opener(path, "rb") as f:
+            # Text never holds NUL bytes; binary formats (images, archives, UTF-16) do within the first
+            # few KB, so this catches a binary file before it is reported as thousands of bad lines.
+            if b"\x00" in f.read(SNIFF_BYTES):
+                raise DataError(f"{path}: contains NUL bytes in its first {SNIFF_BYTES:,} bytes, so it is binary, "
+                                "not UTF-8 text; remove it from data.inputs or convert it to UTF-8 text")
+            f.seek(0)
             for lineno, raw in enumerate(f, start=1):
                 if b"\x00" in raw:
                     raise DataError(f"{path}:{lineno}: contains NUL bytes, so it is binary, not text; "
@@ -63,7 +71,7 @@ def _lines(path: Path, cfg: DataConfig, counter: DecodeCounter) -> Iterator[tupl
                     if cfg.on_decode_error == "skip":
                         counter.num_skipped_lines += 1
                         continue
-                    raise DataError(f"{path}:{lineno}: invalid UTF-8 ({err.reason} at byte {err.start}); "
+                    raise DataError(f"{path}:{lineno}: invalid UTF-8 ({err.reason} at byte {err.start} of the line); "
                                     "fix the file or set data.on_decode_error=skip to drop such lines") from None
                 yield lineno, line.rstrip("\r\n")
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:

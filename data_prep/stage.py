@@ -20,6 +20,7 @@ import json
 import multiprocessing as mp
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,8 @@ class Chunk:
     docs_out: list[int] = field(default_factory=lambda: [0] * len(PART_STEPS))
     chars_out: list[int] = field(default_factory=lambda: [0] * len(PART_STEPS))
     detected: Counter = field(default_factory=Counter)
+    # Position in the chunk of each kept document, so the parent can tell which file it came from.
+    kept_pos: list[int] = field(default_factory=list)
 
 
 def _first_failure(cfg: DataConfig, text: str) -> int:
@@ -95,7 +98,7 @@ def process_chunk(cfg: DataConfig, docs: list[tuple[str, str]]) -> Chunk:
     detector = langid.get_detector(langid.candidates(cfg.languages), cfg.langid_accuracy)
     keep = frozenset(cfg.languages)
     out = Chunk(num_docs_in=len(docs))
-    for doc_id, raw in docs:
+    for pos, (doc_id, raw) in enumerate(docs):
         out.num_chars_in += len(raw)
         text = normalize_text(raw, cfg.normalization, cfg.lowercase)
         num_passed = 0 if not text else _first_failure(cfg, text)
@@ -110,6 +113,7 @@ def process_chunk(cfg: DataConfig, docs: list[tuple[str, str]]) -> Chunk:
             out.chars_out[k] += len(text)
         if num_passed < len(PART_STEPS):
             continue
+        out.kept_pos.append(pos)
         out.ids.append(doc_id)
         out.texts.append(text)
         out.sentences.append(split_sentences(text, lang))
@@ -135,42 +139,49 @@ def _worker(docs: list[tuple[str, str]]) -> Chunk:
     return process_chunk(_WORKER_CFG, docs)
 
 
-def _chunks(cfg: DataConfig, files: list[Path], counter: DecodeCounter) -> Iterator[list[tuple[str, str]]]:
-    """Fixed-size chunks of documents across all files in order; an input with no documents is an error."""
+def _chunks(cfg: DataConfig, files: list[Path], counter: DecodeCounter) -> Iterator[tuple[list[int], list]]:
+    """(file index of each document, [(id, raw text)]) in fixed-size chunks across all files in order.
+
+    An input file with no documents is an error.
+    """
     chunk: list[tuple[str, str]] = []
-    for path in files:
+    file_idx: list[int] = []
+    for i, path in enumerate(files):
         num_docs = 0
         for doc in read_documents(path, cfg, counter):
             num_docs += 1
             chunk.append(doc)
+            file_idx.append(i)
             if len(chunk) == CHUNK_DOCS:
-                yield chunk
-                chunk = []
+                yield file_idx, chunk
+                chunk, file_idx = [], []
         if num_docs == 0:
             skipped = f" ({counter.num_skipped_lines} undecodable lines skipped so far)" if counter.num_skipped_lines else ""
             raise DataError(f"{path}: contains no documents{skipped}; remove it from data.inputs "
                             "or check data.txt_document / data.text_field")
     if chunk:
-        yield chunk
+        yield file_idx, chunk
 
 
-def _map_ordered(cfg: DataConfig, chunks: Iterable[list[tuple[str, str]]]) -> Iterator[Chunk]:
+def _map_ordered(cfg: DataConfig, chunks: Iterable[tuple[list[int], list]]) -> Iterator[tuple[list[int], Chunk]]:
     """process_chunk over `chunks`, in order, in `cfg.num_proc` processes with a bounded window."""
     if cfg.num_proc == 1:
-        for chunk in chunks:
-            yield process_chunk(cfg, chunk)
+        for file_idx, chunk in chunks:
+            yield file_idx, process_chunk(cfg, chunk)
         return
     langid.get_detector(langid.candidates(cfg.languages), cfg.langid_accuracy)
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("fork" if "fork" in methods else None)
     with ctx.Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,)) as pool:
         pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_worker, (chunk,)))
+        for file_idx, chunk in chunks:
+            pending.append((file_idx, pool.apply_async(_worker, (chunk,))))
             if len(pending) >= CHUNKS_IN_FLIGHT * cfg.num_proc:
-                yield pending.popleft().get()
+                file_idx, res = pending.popleft()
+                yield file_idx, res.get()
         while pending:
-            yield pending.popleft().get()
+            file_idx, res = pending.popleft()
+            yield file_idx, res.get()
 
 
 def _step_rows(counts: list[tuple[str, int, int]]) -> list[dict]:
@@ -187,10 +198,13 @@ def run_part(cfg: DataConfig, files: list[Path], run) -> None:
     counter = DecodeCounter()
     total = Chunk()
     num_kept = 0
+    kept_per_file = [0] * len(files)
     writer = pq.ParquetWriter(run.work_dir / DOCS_FILE, PART_SCHEMA, compression="zstd")
     try:
         with open(run.work_dir / SIGS_FILE, "wb") as sig_file, run.timed("part_s"):
-            for res in _map_ordered(cfg, _chunks(cfg, files, counter)):
+            for file_idx, res in _map_ordered(cfg, _chunks(cfg, files, counter)):
+                for pos in res.kept_pos:
+                    kept_per_file[file_idx[pos]] += 1
                 total.num_docs_in += res.num_docs_in
                 total.num_chars_in += res.num_chars_in
                 total.docs_out = [a + b for a, b in zip(total.docs_out, res.docs_out)]
@@ -207,6 +221,8 @@ def run_part(cfg: DataConfig, files: list[Path], run) -> None:
     assert num_kept == total.docs_out[-1], "kept documents and step counts disagree"
     stats = {
         "files": [str(f) for f in files],
+        # Kept documents per file, in file order: the merge uses them to restore the recipe's file order.
+        "kept_per_file": kept_per_file,
         "documents_in": total.num_docs_in,
         "characters_in": total.num_chars_in,
         "documents_out": total.docs_out,
@@ -220,18 +236,35 @@ def run_part(cfg: DataConfig, files: list[Path], run) -> None:
     info(f"prepare: part read {total.num_docs_in:,} documents, kept {num_kept:,} before dedup")
 
 
-def _part_batches(part_dir: Path, num_docs: int, cfg: DataConfig) -> Iterator[tuple[dict, np.ndarray | None]]:
-    """(columns, signatures) of a part's documents in CHUNK_DOCS batches, in document order."""
+def _part_rows(part_dir: Path, num_docs: int, cfg: DataConfig) -> Iterator[tuple]:
+    """(id, text, sentences, lang, digest, signature or None) of a part's documents, in order."""
     sigs = None
     if cfg.dedup.near and num_docs:
         sigs = np.memmap(part_dir / SIGS_FILE, dtype=np.uint32, mode="r", shape=(num_docs, cfg.dedup.num_perm))
-    start = 0
+    row = 0
     for batch in pq.ParquetFile(part_dir / DOCS_FILE).iter_batches(batch_size=CHUNK_DOCS):
         cols = batch.to_pydict()
-        n = len(cols["id"])
-        yield cols, (sigs[start : start + n] if sigs is not None else None)
-        start += n
-    assert start == num_docs, f"{part_dir}: {start} documents but part_stats says {num_docs}"
+        for i in range(len(cols["id"])):
+            yield (cols["id"][i], cols["text"][i], cols["sentences"][i], cols["lang"][i], cols["digest"][i],
+                   sigs[row] if sigs is not None else None)
+            row += 1
+    assert row == num_docs, f"{part_dir}: {row} documents but part_stats says {num_docs}"
+
+
+def _global_order(cfg: DataConfig, part_dirs: list[Path], part_stats: list[dict]) -> Iterator[tuple]:
+    """Every part's documents in the recipe's file order.
+
+    kompakt/pipeline.py gives part i the files `files[i::num_shards]`, so file j of the recipe is file
+    j // n of part j % n; taking one file at a time from each part in turn restores the order a
+    single part would have read. Which copy of a duplicate survives then does not depend on num_shards.
+    """
+    rows = [_part_rows(d, s["documents_out"][-1], cfg) for d, s in zip(part_dirs, part_stats)]
+    for j in range(max((len(s["kept_per_file"]) for s in part_stats), default=0)):
+        for p, stats in enumerate(part_stats):
+            if j < len(stats["kept_per_file"]):
+                yield from islice(rows[p], stats["kept_per_file"][j])
+    for p, it in enumerate(rows):  # every row was consumed, and the part's own count check ran
+        assert next(it, None) is None, f"{part_dirs[p]}: more documents than kept_per_file says"
 
 
 class _ShardWriter:
@@ -276,23 +309,20 @@ def merge(cfg: DataConfig, part_dirs: list[Path], run) -> None:
     languages: Counter = Counter()
     key = 0
     with run.timed("dedup_s"):
-        for part_dir, stats in zip(part_dirs, part_stats):
-            for cols, sigs in _part_batches(part_dir, stats["documents_out"][-1], cfg):
-                for i, text in enumerate(cols["text"]):
-                    key += 1
-                    if cfg.dedup.exact:
-                        digest = cols["digest"][i]
-                        if digest in seen:
-                            removed["exact_dedup"][0] += 1
-                            removed["exact_dedup"][1] += len(text)
-                            continue
-                        seen.add(digest)
-                    if near is not None and near.seen(key, sigs[i]):
-                        removed["near_dedup"][0] += 1
-                        removed["near_dedup"][1] += len(text)
-                        continue
-                    writer.add(cols["id"][i], text, cols["sentences"][i], cols["lang"][i])
-                    languages[cols["lang"][i]] += 1
+        for doc_id, text, sentences, lang, digest, sig in _global_order(cfg, part_dirs, part_stats):
+            key += 1
+            if cfg.dedup.exact:
+                if digest in seen:
+                    removed["exact_dedup"][0] += 1
+                    removed["exact_dedup"][1] += len(text)
+                    continue
+                seen.add(digest)
+            if near is not None and near.seen(key, sig):
+                removed["near_dedup"][0] += 1
+                removed["near_dedup"][1] += len(text)
+                continue
+            writer.add(doc_id, text, sentences, lang)
+            languages[lang] += 1
     writer.flush()
     num_docs, num_chars = counts[-1][1:]
     for step in DEDUP_STEPS:
@@ -321,7 +351,8 @@ def merge(cfg: DataConfig, part_dirs: list[Path], run) -> None:
         "languages": dict(sorted(languages.items())),
         "languages_detected": dict(sorted(detected.items())),
         "num_shards": writer.num_shards,
-        "files": [f for s in part_stats for f in s["files"]],
+        "files": [s["files"][j] for j in range(max(len(s["files"]) for s in part_stats))
+                  for s in part_stats if j < len(s["files"])],
     }
     write_json_atomic(run.work_dir / "stats.json", stats)
     run.counts.update(documents_in=num_docs_in, documents_out=num_docs, characters_in=counts[0][2],
