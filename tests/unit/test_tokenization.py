@@ -119,8 +119,9 @@ def test_word_starts_mark_word_beginnings(trained):
         elif cfg.kind == "unigram":
             assert (ws == np.array([p.startswith("▁") for p in pieces]) | np.isin(np.arange(len(ws)), sents)).all()
         else:
+            # Byte-level: a word is what follows a space, so punctuation stays with its word.
             marked = np.array([p.startswith("Ġ") for p in pieces])
-            assert ws[marked].all() and 0.2 < ws.mean() < 0.9
+            assert (ws == marked | np.isin(np.arange(len(ws)), sents)).all()
 
 
 def test_tokenizer_keeps_norwegian_letters_and_case(trained):

@@ -9,7 +9,7 @@ from kompakt.config import TokenizerConfig
 from kompakt.errors import DataError
 from kompakt.shards import ShardWriter, TokenShards, write_index
 from kompakt.tokenization.corpus import corpus_files, is_heldout, iter_batches, iter_texts, write_corpus
-from kompakt.tokenization.pretokenize import BatchShardWriter, encode_sentences, pretokenize
+from kompakt.tokenization.pretokenize import BatchShardWriter, encode_sentences, pretokenize, word_start_table
 from kompakt.tokenization.train import train_tokenizer
 
 
@@ -73,7 +73,8 @@ def test_num_proc_1_and_2_give_identical_shards(small, tmp_path):
 
 def test_encode_sentences_word_starts(small):
     _, tok = small
-    ids, starts, lengths = encode_sentences(tok, ["Hei på deg.", "", "Blåbærsyltetøy smaker godt"])
+    ids, starts, lengths = encode_sentences(tok, ["Hei på deg.", "", "Blåbærsyltetøy smaker godt"],
+                                           word_start_table(tok))
     assert lengths[1] == 0 and len(ids) == len(starts) == lengths.sum()
     tokens = [tok.id_to_token(i) for i in ids.tolist()]
     assert starts.tolist() == [0 if t.startswith("##") else 1 for t in tokens]
