@@ -55,7 +55,9 @@ def dedup_rate(recipe: str, quick: bool = False) -> dict:
     num_docs = QUICK_DOCS if quick else FULL_DOCS
     counter = DecodeCounter()
     docs = (text for path in r.resolve_inputs() for _, text in read_documents(path, cfg, counter))
-    texts = [t for t in (normalize_text(d, cfg.normalization, cfg.lowercase) for d in islice(docs, num_docs)) if t]
+    texts = [
+        t for t in (normalize_text(d, cfg.normalization, cfg.lowercase) for d in islice(docs, num_docs)) if t
+    ]
 
     t0 = time.perf_counter()
     num_removed = _dedup(texts, signatures(texts, cfg.dedup), cfg.dedup)
@@ -76,8 +78,13 @@ def dedup_rate(recipe: str, quick: bool = False) -> dict:
         "shingle_size": cfg.dedup.shingle_size,
     }
     result["ratio"] = result["docs_per_s"] / result["baseline_docs_per_s"]
-    table("dedup: exact + MinHash + LSH", ["method", "docs", "docs/s"],
-          [("MinHash.bulk (ours)", len(texts), result["docs_per_s"]),
-           ("per-shingle update (baseline)", len(base), result["baseline_docs_per_s"]),
-           ("ratio", "", result["ratio"])])
+    table(
+        "dedup: exact + MinHash + LSH",
+        ["method", "docs", "docs/s"],
+        [
+            ("MinHash.bulk (ours)", len(texts), result["docs_per_s"]),
+            ("per-shingle update (baseline)", len(base), result["baseline_docs_per_s"]),
+            ("ratio", "", result["ratio"]),
+        ],
+    )
     return result

@@ -47,8 +47,9 @@ def signatures(texts: list[str], cfg: DedupConfig) -> np.ndarray:
     out = np.empty((len(texts), cfg.num_perm), dtype=np.uint32)
     if not texts:
         return out
-    mhs = MinHash.bulk([shingles(t, cfg.shingle_size) for t in texts], num_perm=cfg.num_perm, seed=cfg.seed,
-                       scheme=SCHEME)
+    mhs = MinHash.bulk(
+        [shingles(t, cfg.shingle_size) for t in texts], num_perm=cfg.num_perm, seed=cfg.seed, scheme=SCHEME
+    )
     for i, mh in enumerate(mhs):
         out[i] = mh.hashvalues
     return out

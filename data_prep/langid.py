@@ -35,8 +35,10 @@ def language_of(code: str) -> Language:
     iso = getattr(IsoCode639_1, code.upper(), None) if code.isalpha() and len(code) == 2 else None
     if iso is None:
         hint = " (Norwegian is nb for Bokmål and nn for Nynorsk)" if code == "no" else ""
-        raise ConfigError(f"data.languages: {code!r} is not an ISO 639-1 code lingua knows{hint}; "
-                          "use codes such as nb, nn, en, zh")
+        raise ConfigError(
+            f"data.languages: {code!r} is not an ISO 639-1 code lingua knows{hint}; "
+            "use codes such as nb, nn, en, zh"
+        )
     return Language.from_iso_code_639_1(iso)
 
 

@@ -17,9 +17,14 @@ from functools import lru_cache
 
 # Full-width punctuation and symbols of the FF00 block (not letters or digits, which NFKC should
 # fold: Ａ -> A, １ -> 1), plus the horizontal ellipsis that Chinese writes as ……
-_PROTECTED = "".join(
-    chr(c) for lo, hi in ((0xFF01, 0xFF0F), (0xFF1A, 0xFF20), (0xFF3B, 0xFF40), (0xFF5B, 0xFF60)) for c in range(lo, hi + 1)
-) + "\u2026"
+_PROTECTED = (
+    "".join(
+        chr(c)
+        for lo, hi in ((0xFF01, 0xFF0F), (0xFF1A, 0xFF20), (0xFF3B, 0xFF40), (0xFF5B, 0xFF60))
+        for c in range(lo, hi + 1)
+    )
+    + "\u2026"
+)
 _PROTECTED_RE = re.compile(f"([{re.escape(_PROTECTED)}]+)")
 
 _SPACES_RE = re.compile(r" {2,}")
@@ -94,10 +99,11 @@ def words(text: str) -> list[str]:
 
 def alpha_ratio(text: str) -> float:
     """Share of the non-space characters that are letters (0.0 for a document of only spaces)."""
-    num_nonspace = sum(1 for c in text if not c.isspace())
+    # map over the str methods runs in C: about 2x faster than a generator expression per character.
+    num_nonspace = len(text) - sum(map(str.isspace, text))
     if num_nonspace == 0:
         return 0.0
-    return sum(1 for c in text if c.isalpha()) / num_nonspace
+    return sum(map(str.isalpha, text)) / num_nonspace
 
 
 def repeated_line_ratio(text: str) -> float:

@@ -39,11 +39,20 @@ def file_format(path: Path) -> str:
     """The reader for a path: txt, jsonl, parquet or datasets; DataError for anything else."""
     name = path.name.lower()
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        if (
+            (path / "dataset_info.json").exists()
+            or (path / "state.json").exists()
+            or (path / "dataset_dict.json").exists()
+        ):
             return "datasets"
         raise DataError(f"{path}: a folder but not a datasets folder (no state.json); inputs are {SUFFIXES}")
-    for suffix, fmt in ((".txt", "txt"), (".txt.gz", "txt"), (".jsonl", "jsonl"), (".jsonl.gz", "jsonl"),
-                        (".parquet", "parquet")):
+    for suffix, fmt in (
+        (".txt", "txt"),
+        (".txt.gz", "txt"),
+        (".jsonl", "jsonl"),
+        (".jsonl.gz", "jsonl"),
+        (".parquet", "parquet"),
+    ):
         if name.endswith(suffix):
             return fmt
     raise DataError(f"{path}: unknown input format; inputs are {SUFFIXES}")
@@ -58,25 +67,33 @@ def _lines(path: Path, cfg: DataConfig, counter: DecodeCounter) -> Iterator[tupl
             # Text never holds NUL bytes; binary formats (images, archives, UTF-16) do within the first
             # few KB, so this catches a binary file before it is reported as thousands of bad lines.
             if b"\x00" in f.read(SNIFF_BYTES):
-                raise DataError(f"{path}: contains NUL bytes in its first {SNIFF_BYTES:,} bytes, so it is binary, "
-                                "not UTF-8 text; remove it from data.inputs or convert it to UTF-8 text")
+                raise DataError(
+                    f"{path}: contains NUL bytes in its first {SNIFF_BYTES:,} bytes, so it is binary, "
+                    "not UTF-8 text; remove it from data.inputs or convert it to UTF-8 text"
+                )
             f.seek(0)
             for lineno, raw in enumerate(f, start=1):
                 if b"\x00" in raw:
-                    raise DataError(f"{path}:{lineno}: contains NUL bytes, so it is binary, not text; "
-                                    "remove it from data.inputs or convert it to UTF-8 text")
+                    raise DataError(
+                        f"{path}:{lineno}: contains NUL bytes, so it is binary, not text; "
+                        "remove it from data.inputs or convert it to UTF-8 text"
+                    )
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
                     if cfg.on_decode_error == "skip":
                         counter.num_skipped_lines += 1
                         continue
-                    raise DataError(f"{path}:{lineno}: invalid UTF-8 ({err.reason} at byte {err.start} of the line); "
-                                    "fix the file or set data.on_decode_error=skip to drop such lines") from None
+                    raise DataError(
+                        f"{path}:{lineno}: invalid UTF-8 ({err.reason} at byte {err.start} of the line); "
+                        "fix the file or set data.on_decode_error=skip to drop such lines"
+                    ) from None
                 yield lineno, line.rstrip("\r\n")
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise DataError(f"{path}: not a readable gzip file after line {lineno} ({err}); "
-                        "re-compress it or check the download") from None
+        raise DataError(
+            f"{path}: not a readable gzip file after line {lineno} ({err}); "
+            "re-compress it or check the download"
+        ) from None
 
 
 def _read_txt(path: Path, cfg: DataConfig, counter: DecodeCounter) -> Iterator[tuple[str, str]]:
@@ -106,23 +123,33 @@ def _read_jsonl(path: Path, cfg: DataConfig, counter: DecodeCounter) -> Iterator
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+            raise DataError(
+                f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one JSON object"
+            ) from None
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: a JSON {type(record).__name__}, not an object; "
-                            "each line must be one JSON object")
+            raise DataError(
+                f"{path}:{lineno}: a JSON {type(record).__name__}, not an object; "
+                "each line must be one JSON object"
+            )
         if cfg.text_field not in record:
-            raise DataError(f"{path}:{lineno}: no field {cfg.text_field!r} (fields seen: {', '.join(sorted(record))}); "
-                            "set data.text_field to the field holding the text")
+            raise DataError(
+                f"{path}:{lineno}: no field {cfg.text_field!r} (fields seen: {', '.join(sorted(record))}); "
+                "set data.text_field to the field holding the text"
+            )
         text = record[cfg.text_field]
         if text is None:
             continue
         if not isinstance(text, str):
-            raise DataError(f"{path}:{lineno}: field {cfg.text_field!r} is a {type(text).__name__}, not a string; "
-                            "set data.text_field to the field holding the text")
+            raise DataError(
+                f"{path}:{lineno}: field {cfg.text_field!r} is a {type(text).__name__}, not a string; "
+                "set data.text_field to the field holding the text"
+            )
         if cfg.id_field is not None:
             if cfg.id_field not in record:
-                raise DataError(f"{path}:{lineno}: no field {cfg.id_field!r} (fields seen: "
-                                f"{', '.join(sorted(record))}); set data.id_field or drop it")
+                raise DataError(
+                    f"{path}:{lineno}: no field {cfg.id_field!r} (fields seen: "
+                    f"{', '.join(sorted(record))}); set data.id_field or drop it"
+                )
             yield str(record[cfg.id_field]), text
         else:
             yield f"{path}:{lineno}", text
@@ -133,7 +160,9 @@ def _check_columns(path: Path, columns: list[str], cfg: DataConfig) -> list[str]
     for col in wanted:
         if col not in columns:
             key = "data.text_field" if col == cfg.text_field else "data.id_field"
-            raise DataError(f"{path}: no column {col!r} (columns: {', '.join(columns)}); set {key} to one of them")
+            raise DataError(
+                f"{path}: no column {col!r} (columns: {', '.join(columns)}); set {key} to one of them"
+            )
     return wanted
 
 
@@ -145,8 +174,10 @@ def _rows(path: Path, batches, cfg: DataConfig) -> Iterator[tuple[str, str]]:
         for i, text in enumerate(texts):
             if text is not None:
                 if not isinstance(text, str):
-                    raise DataError(f"{path}: column {cfg.text_field!r} holds {type(text).__name__}, not strings; "
-                                    "set data.text_field to a string column")
+                    raise DataError(
+                        f"{path}: column {cfg.text_field!r} holds {type(text).__name__}, not strings; "
+                        "set data.text_field to a string column"
+                    )
                 yield (str(ids[i]) if ids is not None else f"{path}:{row}"), text
             row += 1
 
@@ -158,7 +189,9 @@ def _read_parquet(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: not a readable Parquet file ({err}); check the file or its suffix") from None
+        raise DataError(
+            f"{path}: not a readable Parquet file ({err}); check the file or its suffix"
+        ) from None
     columns = _check_columns(path, pf.schema_arrow.names, cfg)
     batches = (b.to_pydict() for b in pf.iter_batches(batch_size=ROW_BATCH, columns=columns))
     yield from _rows(path, batches, cfg)
@@ -172,8 +205,10 @@ def _read_datasets(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
     except (FileNotFoundError, ValueError, OSError) as err:
         raise DataError(f"{path}: not a readable datasets folder ({err})") from None
     if isinstance(ds, datasets.DatasetDict):
-        raise DataError(f"{path}: a DatasetDict with splits {', '.join(ds)}; point data.inputs at one split "
-                        f"folder, e.g. {path / next(iter(ds))}")
+        raise DataError(
+            f"{path}: a DatasetDict with splits {', '.join(ds)}; point data.inputs at one split "
+            f"folder, e.g. {path / next(iter(ds))}"
+        )
     columns = _check_columns(path, ds.column_names, cfg)
     yield from _rows(path, ds.select_columns(columns).iter(batch_size=ROW_BATCH), cfg)
 

@@ -7,9 +7,10 @@ Two steps, wired by kompakt/pipeline.py:
    language), split sentences, hash the text and compute its MinHash signature. Results come back
    in chunk order, so a part is byte-identical for any `num_proc`. Writes `docs.parquet`,
    `signatures.u32` (uint32, one row of num_perm values per document) and `part_stats.json`.
-2. `merge` (one process): exact and near dedup over all parts in global order (part, then
-   document), keeping the first copy; writes `corpus/part-00000.parquet ...` with columns id, text,
-   sentences, lang, and `stats.json` with documents and characters in and out of every step.
+2. `merge` (one process): exact and near dedup over all parts in one global order (the recipe's
+   file order, then document order, restored across parts), keeping the first copy; writes
+   `corpus/part-00000.parquet ...` with columns id, text, sentences, lang, and `stats.json` with
+   documents and characters in and out of every step.
 
 All dedup happens in the merge, so the corpus does not depend on `num_proc` or `num_shards`.
 """
@@ -44,14 +45,30 @@ CHUNK_DOCS = 1000
 # Chunks in flight per worker: the reader stays ahead of the workers without buffering a whole corpus.
 CHUNKS_IN_FLIGHT = 4
 # The per-document steps in the order they are applied; a document leaves at the first it fails.
-PART_STEPS = ("normalize", "min_chars", "max_chars", "min_words", "max_words", "min_alpha_ratio",
-              "max_repeated_line_ratio", "language")
+PART_STEPS = (
+    "normalize",
+    "min_chars",
+    "max_chars",
+    "min_words",
+    "max_words",
+    "min_alpha_ratio",
+    "max_repeated_line_ratio",
+    "language",
+)
 DEDUP_STEPS = ("exact_dedup", "near_dedup")
 DOCS_FILE, SIGS_FILE, PART_STATS = "docs.parquet", "signatures.u32", "part_stats.json"
-PART_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("sentences", pa.list_(pa.string())),
-                         ("lang", pa.string()), ("digest", pa.binary(16))])
-CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("sentences", pa.list_(pa.string())),
-                           ("lang", pa.string())])
+PART_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("sentences", pa.list_(pa.string())),
+        ("lang", pa.string()),
+        ("digest", pa.binary(16)),
+    ]
+)
+CORPUS_SCHEMA = pa.schema(
+    [("id", pa.string()), ("text", pa.string()), ("sentences", pa.list_(pa.string())), ("lang", pa.string())]
+)
 
 
 @dataclass
@@ -156,20 +173,31 @@ def _chunks(cfg: DataConfig, files: list[Path], counter: DecodeCounter) -> Itera
                 yield file_idx, chunk
                 chunk, file_idx = [], []
         if num_docs == 0:
-            skipped = f" ({counter.num_skipped_lines} undecodable lines skipped so far)" if counter.num_skipped_lines else ""
-            raise DataError(f"{path}: contains no documents{skipped}; remove it from data.inputs "
-                            "or check data.txt_document / data.text_field")
+            skipped = (
+                f" ({counter.num_skipped_lines} undecodable lines skipped so far)"
+                if counter.num_skipped_lines
+                else ""
+            )
+            raise DataError(
+                f"{path}: contains no documents{skipped}; remove it from data.inputs "
+                "or check data.txt_document / data.text_field"
+            )
     if chunk:
         yield file_idx, chunk
 
 
-def _map_ordered(cfg: DataConfig, chunks: Iterable[tuple[list[int], list]]) -> Iterator[tuple[list[int], Chunk]]:
+def _map_ordered(
+    cfg: DataConfig, chunks: Iterable[tuple[list[int], list]]
+) -> Iterator[tuple[list[int], Chunk]]:
     """process_chunk over `chunks`, in order, in `cfg.num_proc` processes with a bounded window."""
     if cfg.num_proc == 1:
         for file_idx, chunk in chunks:
             yield file_idx, process_chunk(cfg, chunk)
         return
+    # Build the detector (about 2-6 s of model loading) and the normaliser's translate table (about
+    # 1 s) here, so forked workers inherit them instead of each building its own.
     langid.get_detector(langid.candidates(cfg.languages), cfg.langid_accuracy)
+    normalize_text("\x00", cfg.normalization)
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("fork" if "fork" in methods else None)
     with ctx.Pool(cfg.num_proc, initializer=_init_worker, initargs=(cfg,)) as pool:
@@ -188,8 +216,17 @@ def _step_rows(counts: list[tuple[str, int, int]]) -> list[dict]:
     """[(step, docs out, chars out)] with the input first -> one dict per step with in, out and removed."""
     rows = []
     for (_, d_in, c_in), (step, d_out, c_out) in zip(counts, counts[1:]):
-        rows.append({"step": step, "documents_in": d_in, "documents_out": d_out, "documents_removed": d_in - d_out,
-                     "characters_in": c_in, "characters_out": c_out, "characters_removed": c_in - c_out})
+        rows.append(
+            {
+                "step": step,
+                "documents_in": d_in,
+                "documents_out": d_out,
+                "documents_removed": d_in - d_out,
+                "characters_in": c_in,
+                "characters_out": c_out,
+                "characters_removed": c_in - c_out,
+            }
+        )
     return rows
 
 
@@ -211,8 +248,18 @@ def run_part(cfg: DataConfig, files: list[Path], run) -> None:
                 total.chars_out = [a + b for a, b in zip(total.chars_out, res.chars_out)]
                 total.detected.update(res.detected)
                 if res.ids:
-                    writer.write_table(pa.table({"id": res.ids, "text": res.texts, "sentences": res.sentences,
-                                                 "lang": res.langs, "digest": res.digests}, schema=PART_SCHEMA))
+                    writer.write_table(
+                        pa.table(
+                            {
+                                "id": res.ids,
+                                "text": res.texts,
+                                "sentences": res.sentences,
+                                "lang": res.langs,
+                                "digest": res.digests,
+                            },
+                            schema=PART_SCHEMA,
+                        )
+                    )
                     num_kept += len(res.ids)
                 if res.sigs is not None:
                     sig_file.write(res.sigs.tobytes())
@@ -231,8 +278,11 @@ def run_part(cfg: DataConfig, files: list[Path], run) -> None:
         "languages_detected": dict(sorted(total.detected.items())),
     }
     write_json_atomic(run.work_dir / PART_STATS, stats)
-    run.counts.update(documents_in=total.num_docs_in, documents_out=num_kept,
-                      skipped_undecodable_lines=counter.num_skipped_lines)
+    run.counts.update(
+        documents_in=total.num_docs_in,
+        documents_out=num_kept,
+        skipped_undecodable_lines=counter.num_skipped_lines,
+    )
     info(f"prepare: part read {total.num_docs_in:,} documents, kept {num_kept:,} before dedup")
 
 
@@ -240,13 +290,21 @@ def _part_rows(part_dir: Path, num_docs: int, cfg: DataConfig) -> Iterator[tuple
     """(id, text, sentences, lang, digest, signature or None) of a part's documents, in order."""
     sigs = None
     if cfg.dedup.near and num_docs:
-        sigs = np.memmap(part_dir / SIGS_FILE, dtype=np.uint32, mode="r", shape=(num_docs, cfg.dedup.num_perm))
+        sigs = np.memmap(
+            part_dir / SIGS_FILE, dtype=np.uint32, mode="r", shape=(num_docs, cfg.dedup.num_perm)
+        )
     row = 0
     for batch in pq.ParquetFile(part_dir / DOCS_FILE).iter_batches(batch_size=CHUNK_DOCS):
         cols = batch.to_pydict()
         for i in range(len(cols["id"])):
-            yield (cols["id"][i], cols["text"][i], cols["sentences"][i], cols["lang"][i], cols["digest"][i],
-                   sigs[row] if sigs is not None else None)
+            yield (
+                cols["id"][i],
+                cols["text"][i],
+                cols["sentences"][i],
+                cols["lang"][i],
+                cols["digest"][i],
+                sigs[row] if sigs is not None else None,
+            )
             row += 1
     assert row == num_docs, f"{part_dir}: {row} documents but part_stats says {num_docs}"
 
@@ -285,8 +343,11 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.cols["id"]:
             return
-        pq.write_table(pa.table(self.cols, schema=CORPUS_SCHEMA),
-                       self.out_dir / f"part-{self.num_shards:05d}.parquet", compression="zstd")
+        pq.write_table(
+            pa.table(self.cols, schema=CORPUS_SCHEMA),
+            self.out_dir / f"part-{self.num_shards:05d}.parquet",
+            compression="zstd",
+        )
         self.num_shards += 1
         self.cols = {name: [] for name in CORPUS_SCHEMA.names}
 
@@ -296,11 +357,15 @@ def merge(cfg: DataConfig, part_dirs: list[Path], run) -> None:
     part_stats = [json.loads((d / PART_STATS).read_text(encoding="utf-8")) for d in part_dirs]
     num_docs_in = sum(s["documents_in"] for s in part_stats)
     if num_docs_in == 0:
-        raise DataError("data.inputs: the corpus has no documents; check the input files and data.txt_document")
+        raise DataError(
+            "data.inputs: the corpus has no documents; check the input files and data.txt_document"
+        )
     docs_out = [sum(s["documents_out"][k] for s in part_stats) for k in range(len(PART_STEPS))]
     chars_out = [sum(s["characters_out"][k] for s in part_stats) for k in range(len(PART_STEPS))]
-    counts = [("input", num_docs_in, sum(s["characters_in"] for s in part_stats)),
-              *zip(PART_STEPS, docs_out, chars_out)]
+    counts = [
+        ("input", num_docs_in, sum(s["characters_in"] for s in part_stats)),
+        *zip(PART_STEPS, docs_out, chars_out),
+    ]
 
     seen: set[bytes] = set()
     near = NearDedup(cfg.dedup) if cfg.dedup.near else None
@@ -330,14 +395,29 @@ def merge(cfg: DataConfig, part_dirs: list[Path], run) -> None:
         num_chars -= removed[step][1]
         counts.append((step, num_docs, num_chars))
     steps = _step_rows(counts)
-    table("data_prep: documents and characters per step", ["step", "docs in", "docs out", "removed", "chars in",
-                                                            "chars out"],
-          [(r["step"], r["documents_in"], r["documents_out"], r["documents_removed"], r["characters_in"],
-            r["characters_out"]) for r in steps])
+    table(
+        "data_prep: documents and characters per step",
+        ["step", "docs in", "docs out", "removed", "chars in", "chars out"],
+        [
+            (
+                r["step"],
+                r["documents_in"],
+                r["documents_out"],
+                r["documents_removed"],
+                r["characters_in"],
+                r["characters_out"],
+            )
+            for r in steps
+        ],
+    )
     if num_docs == 0:
-        summary = ", ".join(f"{r['step']} -{r['documents_removed']:,}" for r in steps if r["documents_removed"])
-        raise DataError(f"data: all {num_docs_in:,} documents were removed ({summary}); loosen those data.* "
-                        "filters or check data.languages")
+        summary = ", ".join(
+            f"{r['step']} -{r['documents_removed']:,}" for r in steps if r["documents_removed"]
+        )
+        raise DataError(
+            f"data: all {num_docs_in:,} documents were removed ({summary}); loosen those data.* "
+            "filters or check data.languages"
+        )
     detected: Counter = Counter()
     for s in part_stats:
         detected.update(s["languages_detected"])
@@ -351,10 +431,19 @@ def merge(cfg: DataConfig, part_dirs: list[Path], run) -> None:
         "languages": dict(sorted(languages.items())),
         "languages_detected": dict(sorted(detected.items())),
         "num_shards": writer.num_shards,
-        "files": [s["files"][j] for j in range(max(len(s["files"]) for s in part_stats))
-                  for s in part_stats if j < len(s["files"])],
+        "files": [
+            s["files"][j]
+            for j in range(max(len(s["files"]) for s in part_stats))
+            for s in part_stats
+            if j < len(s["files"])
+        ],
     }
     write_json_atomic(run.work_dir / "stats.json", stats)
-    run.counts.update(documents_in=num_docs_in, documents_out=num_docs, characters_in=counts[0][2],
-                      characters_out=num_chars, num_shards=writer.num_shards)
+    run.counts.update(
+        documents_in=num_docs_in,
+        documents_out=num_docs,
+        characters_in=counts[0][2],
+        characters_out=num_chars,
+        num_shards=writer.num_shards,
+    )
     info(f"prepare: kept {num_docs:,} of {num_docs_in:,} documents in {writer.num_shards} shard(s)")

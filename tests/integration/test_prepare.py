@@ -43,8 +43,10 @@ def mixed_inputs(tmp_path_factory, demo_docs):
     d = tmp_path_factory.mktemp("inputs")
     third = len(docs) // 3
     (d / "a.txt.gz").write_bytes(gzip.compress("\n\n".join(docs[:third]).encode()))
-    (d / "b.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
-                                       for t in docs[third : 2 * third]), encoding="utf-8")
+    (d / "b.jsonl").write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs[third : 2 * third]),
+        encoding="utf-8",
+    )
     pq.write_table(pa.table({"text": docs[2 * third :]}), d / "c.parquet")
     return d
 
@@ -54,8 +56,17 @@ def test_output_independent_of_num_proc_and_num_shards(repo, tmp_path, mixed_inp
     outputs = {}
     for num_proc, num_shards in ((1, 1), (2, 1), (1, 2)):
         run_dir = tmp_path / f"p{num_proc}s{num_shards}"
-        assert _prepare(repo, run_dir, inputs, f"data.num_proc={num_proc}", f"data.num_shards={num_shards}",
-                        "data.docs_per_shard=500") == 0
+        assert (
+            _prepare(
+                repo,
+                run_dir,
+                inputs,
+                f"data.num_proc={num_proc}",
+                f"data.num_shards={num_shards}",
+                "data.docs_per_shard=500",
+            )
+            == 0
+        )
         stage = _stage(run_dir)
         assert is_complete(stage)
         assert len(list(run_dir.glob("prepare_part-*"))) == num_shards
@@ -103,7 +114,9 @@ def test_full_demo_corpus(repo, tmp_path):
 def _bad_inputs(tmp_path):
     good = "Regjeringen har bestemt at skolene skal holde stengt resten av uken på grunn av uværet.\n"
     (tmp_path / "bin.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
-    (tmp_path / "latin1.txt").write_bytes(good.encode() + b"\nBl\xe5b\xe6rsyltet\xf8y er godt p\xe5 br\xf8d.\n")
+    (tmp_path / "latin1.txt").write_bytes(
+        good.encode() + b"\nBl\xe5b\xe6rsyltet\xf8y er godt p\xe5 br\xf8d.\n"
+    )
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "english.txt").write_text("The schools will stay closed for the rest of the week.\n\n" * 3)
     (tmp_path / "fields.jsonl").write_text(json.dumps({"tekst": good, "kilde": "nrk"}) + "\n")
@@ -119,8 +132,10 @@ def _bad_inputs(tmp_path):
     }
 
 
-@pytest.mark.parametrize("name", ["bin.txt", "latin1.txt", "empty.txt", "english.txt", "fields.jsonl",
-                                  "cols.parquet", "missing.txt"])
+@pytest.mark.parametrize(
+    "name",
+    ["bin.txt", "latin1.txt", "empty.txt", "english.txt", "fields.jsonl", "cols.parquet", "missing.txt"],
+)
 def test_bad_input_is_one_error_line_and_no_complete_output(repo, tmp_path, capsys, name):
     expected = _bad_inputs(tmp_path)[name]
     run_dir = tmp_path / "runs"
@@ -138,7 +153,15 @@ def test_bad_input_is_one_error_line_and_no_complete_output(repo, tmp_path, caps
 
 def test_invalid_utf8_skip_is_counted(repo, tmp_path):
     _bad_inputs(tmp_path)
-    assert _prepare(repo, tmp_path / "runs", f"data.inputs=[{tmp_path / 'latin1.txt'}]", "data.num_proc=1",
-                    "data.on_decode_error=skip") == 0
+    assert (
+        _prepare(
+            repo,
+            tmp_path / "runs",
+            f"data.inputs=[{tmp_path / 'latin1.txt'}]",
+            "data.num_proc=1",
+            "data.on_decode_error=skip",
+        )
+        == 0
+    )
     stats = json.loads((_stage(tmp_path / "runs") / "stats.json").read_text())
     assert stats["skipped_undecodable_lines"] == 1 and stats["documents_in"] == 1

@@ -33,7 +33,8 @@ def test_decomposed_accents_are_composed_not_stripped():
 
 
 def test_control_characters_and_broken_whitespace():
-    raw = "Det\u00a0var\u200b en\t\tkald   dag\x07 i\u2009Oslo.\r\n  Neste linje \x1b  \n\n\n\nSiste\u00ad linje.\ufeff"
+    raw = ("Det\u00a0var\u200b en\t\tkald   dag\x07 i\u2009Oslo.\r\n  Neste linje \x1b  \n\n\n\n"
+           "Siste\u00ad linje.\ufeff")
     assert normalize_text(raw, "NFKC") == "Det var en kald dag i Oslo.\nNeste linje\n\nSiste linje."
     # NFC leaves NBSP alone as a code point, but the whitespace step still turns it into a space.
     assert normalize_text("a\u00a0b", "NFC") == "a b"
@@ -53,8 +54,10 @@ def test_measures():
     assert repeated_line_ratio("én linje") == 0.0
 
 
-NB_DOC = ("Regjeringen har bestemt at skolene skal holde stengt resten av uken på grunn av uværet. "
-          "Foreldre blir bedt om å følge med på kommunens nettsider for oppdateringer.")
+NB_DOC = (
+    "Regjeringen har bestemt at skolene skal holde stengt resten av uken på grunn av uværet. "
+    "Foreldre blir bedt om å følge med på kommunens nettsider for oppdateringer."
+)
 
 
 def _removed_by(cfg: DataConfig, doc: str) -> str | None:
@@ -65,8 +68,16 @@ def _removed_by(cfg: DataConfig, doc: str) -> str | None:
 
 
 def test_each_filter_on_real_norwegian_text():
-    cfg = DataConfig(inputs=["x"], languages=["nb", "nn"], min_chars=40, max_chars=400, min_words=8,
-                     max_words=60, min_alpha_ratio=0.6, max_repeated_line_ratio=0.3)
+    cfg = DataConfig(
+        inputs=["x"],
+        languages=["nb", "nn"],
+        min_chars=40,
+        max_chars=400,
+        min_words=8,
+        max_words=60,
+        min_alpha_ratio=0.6,
+        max_repeated_line_ratio=0.3,
+    )
     assert _removed_by(cfg, NB_DOC) is None
     assert _removed_by(cfg, "\u200b\x07 \n") == "normalize"
     assert _removed_by(cfg, "Takk for maten.") == "min_chars"
@@ -90,3 +101,11 @@ def test_chunk_counts_characters_per_step():
     assert out.chars_out[1] == 2 * len(NB_DOC)
     assert out.ids == ["a", "c"] and out.texts == [NB_DOC, NB_DOC] and out.sigs.shape == (2, 128)
     assert out.sentences[0][0].startswith("Regjeringen") and len(out.sentences[0]) == 2
+
+
+def test_chinese_document_end_to_end():
+    cfg = DataConfig(inputs=["x"], languages=["zh"], min_words=5)
+    doc = "今天天气很好，我们一起去公园散步吧！你想来吗？北京的秋天非常美丽。"
+    out = process_chunk(cfg, [("z", doc)])
+    assert out.langs == ["zh"] and out.texts == [doc]
+    assert out.sentences == [["今天天气很好，我们一起去公园散步吧！", "你想来吗？", "北京的秋天非常美丽。"]]

@@ -11,7 +11,11 @@ from kompakt.config import DataConfig
 from kompakt.data_prep.readers import DecodeCounter, read_documents
 from kompakt.errors import DataError
 
-DOCS = ["Første dokument om blåbær.\nMed to linjer.", "Andre dokument: Tromsø i mørketida.", "Tredje, med æøå."]
+DOCS = [
+    "Første dokument om blåbær.\nMed to linjer.",
+    "Andre dokument: Tromsø i mørketida.",
+    "Tredje, med æøå.",
+]
 
 
 def _read(path, **kw):
@@ -35,7 +39,9 @@ def test_txt_paragraphs_and_lines(tmp_path, name):
 @pytest.mark.parametrize("name", ["c.jsonl", "c.jsonl.gz"])
 def test_jsonl_with_text_and_id_fields(tmp_path, name):
     path = tmp_path / name
-    data = "".join(json.dumps({"body": d, "uid": f"u{i}", "x": 1}, ensure_ascii=False) + "\n" for i, d in enumerate(DOCS))
+    data = "".join(
+        json.dumps({"body": d, "uid": f"u{i}", "x": 1}, ensure_ascii=False) + "\n" for i, d in enumerate(DOCS)
+    )
     path.write_bytes(gzip.compress(data.encode()) if name.endswith(".gz") else data.encode())
     docs, _ = _read(path, text_field="body", id_field="uid")
     assert docs == [(f"u{i}", d) for i, d in enumerate(DOCS)]
