@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from kompakt.errors import ConfigError, DataError
+from kompakt.model_config import ModelConfig
 from kompakt.objective_config import ObjectiveConfig
 from kompakt.pretrain.masking import Example, SpecialIds, example_rng
 
@@ -301,6 +302,29 @@ def load_run_lexicon(lexicon_path: str | Path, char_vocab: Mapping[str, int], vo
     return Lexicon.from_words(words, char_vocab, first_word_id=vocab_size, max_word_len=max_word_len)
 
 
+def install_run_lexicon(tokenizer_dir: str | Path, model_cfg: ModelConfig) -> Lexicon:
+    """Load a tokenization run's lexicon for model.family=lattice and make it `collate_msp`'s default.
+
+    Reads `tokenizer.json` (the character ids) and `lexicon.txt` from `tokenizer_dir`; word ids start
+    at model.vocab_size, and model.lattice.num_words must cover the lexicon. Returns the lexicon.
+    """
+    from tokenizers import Tokenizer
+
+    tok_dir = Path(tokenizer_dir)
+    for name in ("tokenizer.json", "lexicon.txt"):
+        if not (tok_dir / name).is_file():
+            raise DataError(f"{tok_dir / name} does not exist; model.family=lattice needs a tokenization run "
+                            "with tokenizer.chinese_chars=true and tokenizer.lexicon set")
+    vocab = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab()
+    if model_cfg.vocab_size is not None and len(vocab) > model_cfg.vocab_size:
+        raise ConfigError(f"{tok_dir / 'tokenizer.json'} has {len(vocab)} tokens but model.vocab_size="
+                          f"{model_cfg.vocab_size}; word ids would collide with characters")
+    lexicon = load_run_lexicon(tok_dir / "lexicon.txt", vocab, model_cfg.vocab_size or len(vocab),
+                               model_cfg.lattice.max_word_len, model_cfg.lattice.num_words)
+    use_lexicon(lexicon)
+    return lexicon
+
+
 def collate_msp(examples: Sequence[Example], cfg: ObjectiveConfig, specials: SpecialIds, seed: int,
                 lexicon: Lexicon | None = None) -> dict:
     """Lattice-BERT's collator for `pretrain.objective.masking=msp` (called by pretrain/collate.py).
@@ -316,7 +340,7 @@ def collate_msp(examples: Sequence[Example], cfg: ObjectiveConfig, specials: Spe
     if lexicon is None:
         if not _LEXICON:
             raise ConfigError("masking=msp needs the tokenizer's word lexicon; call "
-                              "kompakt.pretrain.lattice.use_lexicon(load_run_lexicon(...)) before loading batches")
+                              "kompakt.pretrain.lattice.install_run_lexicon(tokenizer_dir, model_cfg) first")
         lexicon = _LEXICON[0]
     special_ids = {specials.cls, specials.sep, specials.mask, specials.pad}
     lattices, masks = [], []

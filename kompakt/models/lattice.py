@@ -97,7 +97,10 @@ def num_embedding_rows(cfg: ModelConfig) -> int:
 
 
 class LatticeBertModel(nn.Module):
-    """The Lattice-BERT encoder: a packed lattice batch in, hidden states (T, D) out."""
+    """The Lattice-BERT encoder: a packed lattice batch in, hidden states (T, D) out.
+
+    Attention always uses the "padded" backend (the bias needs an additive mask), whatever
+    `model.attention` says."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -12,6 +12,7 @@ from kompakt.pretrain.lattice import (
     build_lattice,
     collate_lattice,
     lattice_segments,
+    install_run_lexicon,
     load_run_lexicon,
     msp_mask,
     read_lexicon,
@@ -168,3 +169,21 @@ def test_collate_msp_through_the_shared_collator(tmp_path):
     cfg_sop = ObjectiveConfig(masking="msp", sop=True, max_seq_len=64)
     with pytest.raises(ConfigError, match="sop"):
         collate_examples(examples, cfg_sop, specials, seed=5)
+
+
+def test_install_run_lexicon_from_a_tokenizer_folder(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from kompakt.model_config import ModelConfig
+
+    vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[MASK]": 3, **CHARS}
+    Tokenizer(WordLevel(vocab, unk_token="[PAD]")).save(str(tmp_path / "tokenizer.json"))
+    cfg = ModelConfig(family="lattice", vocab_size=64, lattice={"num_words": 2})
+    with pytest.raises(DataError, match="lexicon.txt"):
+        install_run_lexicon(tmp_path, cfg)
+    (tmp_path / "lexicon.txt").write_text("生命\t9\n起源\t8\n", encoding="utf-8")
+    lex = install_run_lexicon(tmp_path, cfg)
+    assert lex.word_ids == {(12, 13): 64, (14, 15): 65}
+    with pytest.raises(DataError, match="num_words=1"):
+        install_run_lexicon(tmp_path, cfg.model_copy(update={"lattice": cfg.lattice.model_copy(update={"num_words": 1})}))
