@@ -23,8 +23,8 @@ positions enter BERT-style, through the position embedding of `lattice_start`. W
 tables at zero and a characters-only input, the model is exactly a BERT encoder (tested).
 
 Attention runs through kompakt/models/packing.py's "padded" backend: the packed stream is scattered
-into (B, L) only for the SDPA call, whose additive float mask holds the bias plus -inf on padding
-keys, so attention never crosses a sequence boundary. The Hugging Face classes in
+into (B, L) only for the SDPA call, whose additive float mask holds the bias plus the most negative
+float on padding keys, so attention never crosses a sequence boundary. The Hugging Face classes in
 kompakt/hf_lattice.py run the same encoder on a padded batch.
 
 Parameter names are HF `BertModel`'s plus `position_bias.embeddings.weight` (the four bias tables
@@ -45,7 +45,8 @@ from kompakt.model_config import ModelConfig
 from kompakt.models.bert import BertEmbeddings, BertEncoder, BertOnlyMLMHead, finish, init_weights, mlm_loss
 from kompakt.models.packing import AttentionPlan, plan_attention
 
-# The four relative distances between spans (s, e) of query i and key j, in the order of `E`.
+# The four relative distances between the spans (s, e) of query i and key j, in the order of the
+# bias table's blocks.
 DISTANCE_TYPES = ("start-start", "start-end", "end-start", "end-end")
 
 
@@ -63,9 +64,9 @@ class LatticePositionBias(nn.Module):
         R = self.max_relative_distance
         width = 2 * R + 1
         bias_BLLH = None
-        for k, (q_BL, k_BL) in enumerate(((start_BL, start_BL), (start_BL, end_BL),
-                                          (end_BL, start_BL), (end_BL, end_BL))):
-            index_BLL = (q_BL[:, :, None] - k_BL[:, None, :]).clamp(-R, R) + R + k * width
+        for t, (query_BL, key_BL) in enumerate(((start_BL, start_BL), (start_BL, end_BL),
+                                                (end_BL, start_BL), (end_BL, end_BL))):
+            index_BLL = (query_BL[:, :, None] - key_BL[:, None, :]).clamp(-R, R) + R + t * width
             term = self.embeddings(index_BLL)
             bias_BLLH = term if bias_BLLH is None else bias_BLLH + term
         return bias_BLLH.permute(0, 3, 1, 2)
@@ -80,13 +81,12 @@ def pad_to_batch(x_T: torch.Tensor, plan: AttentionPlan, fill: int = 0) -> torch
 
 def lattice_plan(position_bias: LatticePositionBias, cu_seqlens: torch.Tensor, max_seqlen: int | None,
                  lattice_start: torch.Tensor, lattice_end: torch.Tensor, dtype: torch.dtype) -> AttentionPlan:
-    """A "padded" attention plan whose mask is the additive lattice bias plus -inf on padding keys."""
+    """A "padded" attention plan whose mask is the additive lattice bias, most negative on padding keys."""
     plan = plan_attention(cu_seqlens, max_seqlen, lattice_start.shape[0], backend="padded", dtype=dtype)
     bias_BHLL = position_bias(pad_to_batch(lattice_start, plan), pad_to_batch(lattice_end, plan)).to(dtype)
-    # plan.mask is (B, 1, 1, L), True on real keys; padding keys get the most negative float, not -inf,
-    # so padded query rows (which are thrown away) stay finite.
-    keys = plan.mask
-    bias_BHLL = bias_BHLL.masked_fill(~keys, torch.finfo(dtype).min)
+    # plan.mask is (B, 1, 1, L), True on real keys. Padding keys get the most negative float rather
+    # than -inf, so a row with no real key (an empty sequence) stays finite instead of NaN.
+    bias_BHLL = bias_BHLL.masked_fill(~plan.mask, torch.finfo(dtype).min)
     return dataclasses.replace(plan, mask=bias_BHLL)
 
 
