@@ -53,7 +53,8 @@ class LatticeBertConfig(PretrainedConfig):
 
     def __init__(self, vocab_size: int = 21_120, num_words: int = 0, hidden_size: int = 768,
                  num_hidden_layers: int = 12, num_attention_heads: int = 12, intermediate_size: int = 3072,
-                 hidden_act: str = "gelu", hidden_dropout_prob: float = 0.0, max_position_embeddings: int = 512,
+                 hidden_act: str = "gelu", hidden_dropout_prob: float = 0.0,
+                 max_position_embeddings: int = 512,
                  type_vocab_size: int = 2, initializer_range: float = 0.02, layer_norm_eps: float = 1e-12,
                  max_relative_distance: int = 32, max_word_len: int = 8, pad_token_id: int = 0, **kwargs):
         self.vocab_size = vocab_size
@@ -79,7 +80,8 @@ def to_model_config(config: LatticeBertConfig) -> ModelConfig:
     return ModelConfig(family="lattice", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
                        intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
-                       dropout=config.hidden_dropout_prob, max_position_embeddings=config.max_position_embeddings,
+                       dropout=config.hidden_dropout_prob,
+                       max_position_embeddings=config.max_position_embeddings,
                        type_vocab_size=config.type_vocab_size, initializer_range=config.initializer_range,
                        layer_norm_eps=config.layer_norm_eps, attention="padded",
                        lattice=LatticeConfig(num_words=config.num_words, max_word_len=config.max_word_len,
@@ -94,7 +96,8 @@ def from_model_config(cfg: ModelConfig) -> LatticeBertConfig:
                              hidden_act=cfg.act, hidden_dropout_prob=cfg.dropout,
                              max_position_embeddings=cfg.max_position_embeddings,
                              type_vocab_size=cfg.type_vocab_size, initializer_range=cfg.initializer_range,
-                             layer_norm_eps=cfg.layer_norm_eps, max_relative_distance=cfg.lattice.max_relative_distance,
+                             layer_norm_eps=cfg.layer_norm_eps,
+                             max_relative_distance=cfg.lattice.max_relative_distance,
                              max_word_len=cfg.lattice.max_word_len)
 
 
@@ -200,7 +203,8 @@ class LatticeBertForMaskedLM(LatticeBertPreTrainedModel):
         logits_BLV = self.cls.predictions(hidden_BLD)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits_BLV.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = nn.functional.cross_entropy(logits_BLV.flatten(0, 1).float(), labels.flatten(),
+                                               ignore_index=-100)
         if return_dict is False:
             return (logits_BLV,) if loss is None else (loss, logits_BLV)
         return MaskedLMOutput(loss=loss, logits=logits_BLV, hidden_states=(hidden_BLD,))
@@ -217,7 +221,7 @@ def register() -> None:
 
 
 def to_hf_model(model: lattice.LatticeBertForPreTraining) -> LatticeBertForMaskedLM:
-    """Our packed pretraining model's weights in a `LatticeBertForMaskedLM` (keys gain `lattice_bert.lattice.`)."""
+    """Our packed model's weights in a `LatticeBertForMaskedLM` (keys gain `lattice_bert.lattice.`)."""
     hf = LatticeBertForMaskedLM(from_model_config(model.cfg))
     state = {}
     for key, value in model.state_dict().items():
@@ -232,7 +236,8 @@ def load_pretrained(path: str | Path) -> lattice.LatticeBertForPreTraining:
     hf = LatticeBertForMaskedLM.from_pretrained(path)
     model = lattice.LatticeBertForPreTraining(to_model_config(hf.config))
     prefix = "lattice_bert.lattice."
-    state = {(f"lattice_bert.{k[len(prefix):]}" if k.startswith(prefix) else k): v for k, v in hf.state_dict().items()}
+    state = {(f"lattice_bert.{k[len(prefix):]}" if k.startswith(prefix) else k): v
+             for k, v in hf.state_dict().items()}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -259,7 +264,7 @@ relative distances clipped at {max_rel}.
 
 def export(model: lattice.LatticeBertForPreTraining, out_dir: str | Path,
            tokenizer_dir: str | Path | None = None, model_card: str | None = None) -> Path:
-    """Write a Hugging Face folder: config.json, model.safetensors, README.md, tokenizer files and lexicon.txt.
+    """Write a Hugging Face folder: config.json, model.safetensors, README.md, tokenizer and lexicon.
 
     Written into `<out_dir>.tmp` and renamed, so a kill leaves no half-written folder. Without
     `model_card`, README.md describes the inputs (MODEL_CARD).

@@ -183,7 +183,8 @@ def build_lattice(
     )
 
 
-def lattice_segments(lattice_start: np.ndarray, lattice_end: np.ndarray, maskable: np.ndarray) -> list[tuple[int, int]]:
+def lattice_segments(lattice_start: np.ndarray, lattice_end: np.ndarray,
+                     maskable: np.ndarray) -> list[tuple[int, int]]:
     """Cut the maskable tokens' character positions into segments no token crosses.
 
     Returns inclusive (start, end) character-position runs, in order. Overlapping spans are merged
@@ -347,7 +348,8 @@ def collate_msp(examples: Sequence[Example], cfg: ObjectiveConfig, specials: Spe
     for ex in examples:
         lat = build_lattice([np.asarray(ex.tokens, dtype=np.int64)], lexicon, cls_id=specials.cls,
                             sep_id=specials.sep, max_len=2 * cfg.max_seq_len, cuts=[ex.sent_starts])
-        masks.append(msp_mask(lat, example_rng(seed, ex.index), mask_id=specials.mask, special_ids=special_ids,
+        masks.append(msp_mask(lat, example_rng(seed, ex.index), mask_id=specials.mask,
+                              special_ids=special_ids,
                               replacement_ids=specials.replacement_ids, mask_prob=cfg.mask_rate,
                               mask_token_prob=cfg.mask_token_prob, random_token_prob=cfg.random_token_prob))
         lattices.append(lat)

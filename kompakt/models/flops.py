@@ -86,7 +86,8 @@ def seq_lens_from_cu(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
 
 
-def lattice_model_flops(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor, num_predictions: int) -> float:
+def lattice_model_flops(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor,
+                        num_predictions: int) -> float:
     """Lattice-BERT: BERT's count over all lattice tokens (characters and words; `seq_lens` are the
     packed lengths), the MLM decoder over the character + word table, plus the position bias.
 

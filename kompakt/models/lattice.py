@@ -120,7 +120,8 @@ class LatticeBertModel(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x_TD = self.embeddings(input_ids, lattice_start, token_type_ids)
-        plan = lattice_plan(self.position_bias, cu_seqlens, max_seqlen, lattice_start, lattice_end, x_TD.dtype)
+        plan = lattice_plan(self.position_bias, cu_seqlens, max_seqlen, lattice_start, lattice_end,
+                            x_TD.dtype)
         for layer in self.encoder.layer:
             x_TD = layer(x_TD, plan)
         return x_TD
@@ -141,7 +142,8 @@ class LatticeBertForPreTraining(nn.Module):
     def forward(self, input_ids, cu_seqlens, lattice_start, lattice_end, mlm_positions, mlm_labels=None,
                 max_seqlen=None, token_type_ids=None, position_ids=None) -> dict:
         """Packed lattice batch in; dict with loss, losses {"msp"}, num_predictions, mlm_logits (M, V) out."""
-        x_TD = self.lattice_bert(input_ids, cu_seqlens, lattice_start, lattice_end, max_seqlen, token_type_ids)
+        x_TD = self.lattice_bert(input_ids, cu_seqlens, lattice_start, lattice_end, max_seqlen,
+                                 token_type_ids)
         logits_MV = self.cls.predictions(x_TD.index_select(0, mlm_positions))
         losses = {"msp": mlm_loss(logits_MV, mlm_labels)} if mlm_labels is not None else {}
         return finish({"mlm_logits": logits_MV}, losses, mlm_positions.numel())

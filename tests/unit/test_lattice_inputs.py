@@ -40,7 +40,8 @@ def test_hand_checked_lattice():
     # [CLS] 研 究 生 命 起 源 [SEP] 研究 研究生 生命 起源, spans worked out by hand.
     assert ex.input_ids.tolist() == [CLS, 10, 11, 12, 13, 14, 15, SEP, 20, 21, 22, 23]
     spans = list(zip(ex.lattice_start.tolist(), ex.lattice_end.tolist()))
-    assert spans == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (1, 2), (1, 3), (3, 4), (5, 6)]
+    assert spans == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7),
+                     (1, 2), (1, 3), (3, 4), (5, 6)]
     assert ex.num_chars == 8
     assert ex.token_type_ids.tolist() == [0] * 12
 
@@ -157,7 +158,8 @@ def test_collate_msp_through_the_shared_collator(tmp_path):
     use_lexicon(lex)
     specials = SpecialIds(cls=CLS, sep=SEP, mask=MASK, pad=0, vocab_size=VOCAB_SIZE)
     cfg = ObjectiveConfig(masking="msp", mask_rate=0.3, max_seq_len=64)
-    examples = [Example(index=i, tokens=np.array(sentence("研究生命起源" * (i + 1))), word_starts=np.ones(6 * (i + 1)),
+    examples = [Example(index=i, tokens=np.array(sentence("研究生命起源" * (i + 1))),
+                        word_starts=np.ones(6 * (i + 1)),
                         sent_starts=np.array([6 * k for k in range(1, i + 1)])) for i in range(3)]
     batch = collate_examples(examples, cfg, specials, seed=5)
     again = collate_examples(examples, cfg, specials, seed=5)
@@ -186,4 +188,5 @@ def test_install_run_lexicon_from_a_tokenizer_folder(tmp_path):
     lex = install_run_lexicon(tmp_path, cfg)
     assert lex.word_ids == {(12, 13): 64, (14, 15): 65}
     with pytest.raises(DataError, match="num_words=1"):
-        install_run_lexicon(tmp_path, cfg.model_copy(update={"lattice": cfg.lattice.model_copy(update={"num_words": 1})}))
+        small = cfg.lattice.model_copy(update={"num_words": 1})
+        install_run_lexicon(tmp_path, cfg.model_copy(update={"lattice": small}))

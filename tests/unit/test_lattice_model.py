@@ -1,4 +1,4 @@
-"""Lattice-BERT on packed batches (kompakt/models/lattice.py): boundaries, the lattice bias, BERT reduction."""
+"""Lattice-BERT on packed batches (kompakt/models/lattice.py): boundaries, lattice bias, BERT reduction."""
 
 import pytest
 import torch
@@ -12,7 +12,8 @@ CLS, SEP = 1, 2
 
 
 def config(**kw) -> ModelConfig:
-    base = dict(family="lattice", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+    base = dict(family="lattice", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                intermediate_size=64,
                 max_position_embeddings=64, lattice={"num_words": 20, "max_relative_distance": 4})
     return ModelConfig(**{**base, **kw})
 
@@ -114,7 +115,8 @@ def test_msp_pretraining_step_trains_the_bias():
     torch.manual_seed(0)
     m = build_pretraining_model(config())
     batch = packed(SEQ_A, SEQ_B)
-    batch.update(mlm_positions=torch.tensor([2, 3, 4, 7, 8, 13]), mlm_labels=torch.tensor([11, 12, 13, 65, 66, 70]))
+    batch.update(mlm_positions=torch.tensor([2, 3, 4, 7, 8, 13]),
+                 mlm_labels=torch.tensor([11, 12, 13, 65, 66, 70]))
     out = m(**batch)
     assert set(out["losses"]) == {"msp"} and out["num_predictions"] == 6
     assert out["mlm_logits"].shape == (6, 64 + 64)
