@@ -58,6 +58,6 @@ def evaluate(tok: Tokenizer, kind: str, batches: Iterable[list[str]], unk_token:
         "whole_word_rate": num_whole / max(num_words, 1),
         "round_trip_rate": num_rt / max(num_docs, 1),
         "round_trip_strict_rate": num_rt_strict / max(num_docs, 1),
-        "round_trip_target": ("normalised text, pre-tokenised words joined by one space" if kind == "wordpiece"
+        "round_trip_target": ("normalised pre-tokenised words joined by spaces" if kind == "wordpiece"
                               else "normalised text"),
     }

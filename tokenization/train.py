@@ -67,19 +67,20 @@ def build_tokenizer(cfg: TokenizerConfig) -> tuple[Tokenizer, trainers.Trainer]:
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
         trainer = trainers.WordPieceTrainer(vocab_size=size, min_frequency=cfg.min_frequency,
-                                            special_tokens=specials, continuing_subword_prefix="##")
+                                            special_tokens=specials, continuing_subword_prefix="##",
+                                            show_progress=False)
     elif cfg.kind == "unigram":
         tok = Tokenizer(models.Unigram())
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
         trainer = trainers.UnigramTrainer(vocab_size=size, special_tokens=specials, unk_token=unk,
-                                          max_piece_length=MAX_PIECE_CHARS)
+                                          max_piece_length=MAX_PIECE_CHARS, show_progress=False)
     else:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
         tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(content=" ", left=1, right=0)])
         trainer = trainers.BpeTrainer(vocab_size=size, min_frequency=cfg.min_frequency, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     norm = _normalizer(cfg)
     if norm is not None:
         tok.normalizer = norm
