@@ -60,8 +60,8 @@ class ModelConfig(StrictModel):
     initializer_range: float = Field(0.02, gt=0.0)
     # SpanBERT span boundary objective: relative positions inside a span are clipped to this many.
     max_span_length: int = Field(10, ge=1)
-    # auto: FlexAttention (or flash varlen) on CUDA, padded-per-sequence SDPA on CPU.
-    attention: Literal["auto", "padded", "mask", "flex", "varlen"] = "auto"
+    # auto: flash varlen (half precision) or FlexAttention on CUDA, "rows" SDPA on CPU (see models/packing.py).
+    attention: Literal["auto", "rows", "padded", "mask", "flex", "varlen"] = "auto"
     lattice: LatticeConfig = LatticeConfig()
 
     @property

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kompakt.model_config import ModelConfig
-from kompakt.models.packing import attend, plan_attention, position_ids_from_cu_seqlens
+from kompakt.models.packing import attend_qkv, plan_attention, position_ids_from_cu_seqlens
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,11 @@ def self_attention(x_TD: torch.Tensor, query: nn.Linear, key: nn.Linear, value: 
                    num_heads: int, dropout_p: float) -> torch.Tensor:
     """Multi-head self-attention inside each packed sequence; the context (T, D) before the output proj."""
     T, D = x_TD.shape
-    q_THK, k_THK, v_THK = (lin(x_TD).view(T, num_heads, D // num_heads) for lin in (query, key, value))
-    return attend(q_THK, k_THK, v_THK, plan, dropout_p).reshape(T, D)
+    # One (D, 3D) matmul and one scatter instead of three; the weights stay HF's separate parameters.
+    w_3DD = torch.cat([query.weight, key.weight, value.weight])
+    b_3D = torch.cat([query.bias, key.bias, value.bias])
+    qkv_T3HK = F.linear(x_TD, w_3DD, b_3D).view(T, 3, num_heads, D // num_heads)
+    return attend_qkv(qkv_T3HK, plan, dropout_p).reshape(T, D)
 
 
 def packed_inputs(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, position_ids, token_type_ids):

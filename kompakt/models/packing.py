@@ -4,17 +4,24 @@ The models never pad: embeddings, projections, feed-forward layers and heads all
 stream. Only the attention call needs to know where each sequence starts (`cu_seqlens`), and the
 whole choice of kernel lives here, behind `plan_attention` (once per forward) and `attend` (per layer):
 
-- "padded" (the CPU default): scatter q/k/v into (B, Lmax) just for the SDPA call, with a key-padding
-  mask, and gather the real rows back. Cost is B * Lmax^2, not T^2. Measured on 2 CPU cores, forward
-  plus backward of one attention call, 32 sequences of 20-128 tokens (T=2377), 4 heads of 64: padded
-  33 ms, block-diagonal mask 180 ms, nested jagged tensors 95 ms (tests/unit/test_models_packing.py
-  checks the equivalence; eval/bench_model.py the end-to-end speed).
+- "rows" (the CPU default): bin-pack the sequences into R rows of width L (first-fit decreasing),
+  scatter q/k/v into (R, L) just for the SDPA call with a per-row block-diagonal mask, and gather the
+  real tokens back. Cost is R * L^2 with R close to T / L, the same
+  attention work as cutting the stream into full rows, but attention stays inside each sequence.
+- "padded": one row per sequence, (B, L), with a key-padding mask. Cost B * L^2: with many short
+  sequences (the demo corpus averages 43 tokens under L=128) about 3x the attention work of "rows".
+  Lattice-BERT builds its per-sequence position bias on this layout.
+  Measured on 2 CPU cores (shared with other jobs, so ranges over runs), forward plus backward of one
+  attention call over demo-like sequences (106 sequences, mean 38 and at most 128 tokens, T=4041, 4 heads
+  of 64): rows 0.23-0.39 s, padded 0.43-0.64 s, block-diagonal (T, T) mask 1.8-2.4 s, nested jagged
+  tensors 4.5-8.7 s; SDPA on T/128 full rows with no mask at all 0.14-0.18 s. tests/unit/test_models_packing.py
+  checks the equivalence; eval/bench_model.py measures the end-to-end speed.
 - "mask": one (T, T) block-diagonal boolean mask. Quadratic in T; the reference the others are tested
   against, and a fallback for any device.
 - "flex": FlexAttention with a document mask (`create_block_mask`); skips whole blocks across documents.
 - "varlen": `torch.nn.attention.varlen.varlen_attn` (flash varlen), CUDA with fp16/bf16 only.
 
-"auto" picks "varlen" on CUDA in half precision, "flex" on CUDA in fp32, and "padded" elsewhere.
+"auto" picks "varlen" on CUDA in half precision, "flex" on CUDA in fp32, and "rows" elsewhere.
 
 Legend: T tokens in the stream, B sequences, L longest sequence (max_seqlen), H heads, K head size.
 """
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "padded", "mask", "flex", "varlen")
+BACKENDS = ("auto", "rows", "padded", "mask", "flex", "varlen")
 
 
 def seq_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -56,8 +63,12 @@ class AttentionPlan:
     max_seqlen: int
     num_tokens: int
     num_seqs: int
-    index_T: torch.Tensor | None = None  # padded: flat slot of each token in the (B * L) grid
-    mask: torch.Tensor | None = None  # padded: (B, 1, 1, L) keys to attend; mask: (1, 1, T, T)
+    index_T: torch.Tensor | None = None  # padded/rows: flat slot of each token in the (B or R) * L grid
+    num_rows: int = 0  # rows: R
+    pad_slots: torch.Tensor | None = None  # padded/rows: grid slots holding no token
+    # padded: (B, 1, 1, L) bool, keys to attend; rows: (R, 1, L, L) float, 0 within a sequence and -inf
+    # across; mask: (1, 1, T, T) bool
+    mask: torch.Tensor | None = None
     block_mask: object | None = None  # flex: a BlockMask
 
 
@@ -71,7 +82,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         if dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None:
             return "varlen"
         return "flex"
-    return "padded"
+    return "rows"
 
 
 def plan_attention(cu_seqlens: torch.Tensor, max_seqlen: int | None, num_tokens: int,
@@ -89,8 +100,26 @@ def plan_attention(cu_seqlens: torch.Tensor, max_seqlen: int | None, num_tokens:
         plan.index_T = seq_T * plan.max_seqlen + pos_T
         keys_BL = torch.arange(plan.max_seqlen, device=device)[None, :] < seq_lengths(cu_seqlens)[:, None]
         plan.mask = keys_BL[:, None, None, :]
+    elif backend == "rows":
+        rows_B, offsets_B = _fill_rows(seq_lengths(cu_seqlens).tolist(), plan.max_seqlen)
+        rows_B, offsets_B = (torch.tensor(x, device=device) for x in (rows_B, offsets_B))
+        plan.num_rows = int(rows_B.max()) + 1
+        pos_T = torch.arange(num_tokens, device=device) - cu_seqlens.long()[seq_T]
+        plan.index_T = rows_B[seq_T] * plan.max_seqlen + offsets_B[seq_T] + pos_T
+        # Padding slots get sequence id -1: they attend only each other (no all-masked row, so no NaN).
+        slot_seq = torch.full((plan.num_rows * plan.max_seqlen,), -1, device=device).index_copy(
+            0, plan.index_T, seq_T).view(plan.num_rows, plan.max_seqlen)
+        same_RLL = slot_seq[:, :, None] == slot_seq[:, None, :]
+        # Additive float mask: SDPA's CPU kernel ran about 15% faster with it than with a boolean one.
+        plan.mask = torch.zeros(same_RLL.shape, dtype=dtype, device=device).masked_fill_(
+            ~same_RLL, float("-inf"))[:, None]
     elif backend == "mask":
         plan.mask = (seq_T[:, None] == seq_T[None, :])[None, None]
+    if plan.index_T is not None:
+        grid_rows = plan.num_rows if backend == "rows" else num_seqs
+        free = torch.ones(grid_rows * plan.max_seqlen, dtype=torch.bool, device=device)
+        free[plan.index_T] = False
+        plan.pad_slots = free.nonzero().squeeze(1)
     elif backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -104,17 +133,8 @@ def plan_attention(cu_seqlens: torch.Tensor, max_seqlen: int | None, num_tokens:
 def attend(q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, plan: AttentionPlan,
            dropout_p: float = 0.0) -> torch.Tensor:
     """Softmax attention inside each sequence of the packed stream; returns (T, H, K)."""
-    T, H, K = q_THK.shape
-    if plan.backend == "padded":
-        B, L = plan.num_seqs, plan.max_seqlen
-
-        def pad(x_THK):
-            x_NHK = x_THK.new_zeros(B * L, H, K).index_copy(0, plan.index_T, x_THK)
-            return x_NHK.view(B, L, H, K).transpose(1, 2)
-
-        out_BHLK = F.scaled_dot_product_attention(pad(q_THK), pad(k_THK), pad(v_THK), attn_mask=plan.mask,
-                                                  dropout_p=dropout_p)
-        return out_BHLK.transpose(1, 2).reshape(B * L, H, K).index_select(0, plan.index_T)
+    if plan.backend in ("padded", "rows"):
+        return attend_qkv(torch.stack([q_THK, k_THK, v_THK], 1), plan, dropout_p)
     if plan.backend == "mask":
         q, k, v = (x.transpose(0, 1)[None] for x in (q_THK, k_THK, v_THK))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, dropout_p=dropout_p)
@@ -128,6 +148,37 @@ def attend(q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, plan: 
         cu = plan.cu_seqlens.to(torch.int32)
         return varlen_attn(q_THK, k_THK, v_THK, cu, cu, plan.max_seqlen, plan.max_seqlen)
     raise AssertionError(f"unplanned backend {plan.backend}")
+
+
+def attend_qkv(qkv_T3HK: torch.Tensor, plan: AttentionPlan, dropout_p: float = 0.0) -> torch.Tensor:
+    """`attend` on the fused projection (T, 3, H, K): the grid backends scatter it in one pass, not three."""
+    if plan.backend not in ("padded", "rows"):
+        return attend(*qkv_T3HK.unbind(1), plan, dropout_p)
+    T, _, H, K = qkv_T3HK.shape
+    N, L = plan.pad_slots.numel() + T, plan.max_seqlen
+    # Only the padding slots are zeroed (about 2% with "rows"): filling the whole grid cost as much as SDPA.
+    grid_N3HK = qkv_T3HK.new_empty(N, 3, H, K)
+    grid_N3HK.index_fill_(0, plan.pad_slots, 0.0)
+    grid_N3HK.index_copy_(0, plan.index_T, qkv_T3HK)
+    q, k, v = (x.transpose(1, 2) for x in grid_N3HK.view(N // L, L, 3, H, K).unbind(2))
+    out_RHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, dropout_p=dropout_p)
+    return out_RHLK.transpose(1, 2)[plan.index_T // L, plan.index_T % L]
+
+
+def _fill_rows(lengths: list[int], width: int) -> tuple[list[int], list[int]]:
+    """Row and start offset of each sequence, packed into rows of `width` tokens first-fit decreasing.
+
+    Longest first, each into the first row with room: about 1-3% more rows than T / width on the demo
+    corpus, against 25% more when the rows are filled in stream order."""
+    rows, offsets, used = [0] * len(lengths), [0] * len(lengths), []
+    for b in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[b]
+        r = next((r for r, u in enumerate(used) if u + n <= width), len(used))
+        if r == len(used):
+            used.append(0)
+        rows[b], offsets[b] = r, used[r]
+        used[r] += n
+    return rows, offsets
 
 
 _COMPILED_FLEX = {}

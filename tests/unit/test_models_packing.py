@@ -22,11 +22,12 @@ def test_position_ids_restart_per_sequence():
     assert position_ids_from_cu_seqlens(cu([3, 1, 2]), 6).tolist() == [0, 1, 2, 0, 0, 1]
 
 
-def test_padded_backend_equals_per_sequence_attention_with_grads():
+@pytest.mark.parametrize("backend", ["padded", "rows"])
+def test_grid_backends_equal_per_sequence_attention_with_grads(backend):
     torch.manual_seed(0)
-    lengths = [5, 1, 9, 3]
+    lengths = [5, 1, 9, 3, 4]
     q, k, v = (torch.randn(sum(lengths), 2, 8, requires_grad=True) for _ in range(3))
-    out = attend(q, k, v, plan_attention(cu(lengths), None, sum(lengths), "padded"))
+    out = attend(q, k, v, plan_attention(cu(lengths), None, sum(lengths), backend))
     expected, start = [], 0
     for n in lengths:
         s = slice(start, start + n)
@@ -41,7 +42,7 @@ def test_padded_backend_equals_per_sequence_attention_with_grads():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("backend", ["mask", "flex"])
+@pytest.mark.parametrize("backend", ["rows", "mask", "flex"])
 def test_backends_agree_with_padded(backend):
     torch.manual_seed(1)
     lengths = [7, 2, 12]
@@ -51,8 +52,10 @@ def test_backends_agree_with_padded(backend):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_backend_on_cpu_is_padded():
-    assert plan_attention(cu([2, 3]), None, 5, "auto").backend == "padded"
+def test_auto_backend_on_cpu_is_rows():
+    plan = plan_attention(cu([2, 3, 4, 1, 5]), 5, 15, "auto")
+    assert plan.backend == "rows" and plan.num_rows == 3  # first-fit decreasing: 5 | 4+1 | 3+2
+    assert sorted(plan.index_T.tolist()) == list(range(15))
 
 
 @pytest.mark.parametrize("family", ["bert", "albert", "spanbert"])
