@@ -20,6 +20,15 @@ CLS, SEP = 1, 2
 SENTENCES = ("研究生命起源", "中国人民银行今天发布了新的研究报告")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread avoids threads waiting on each other on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def lattice_inputs():
     """Two lattices of different lengths with real jieba words; characters get ids from 5 upward."""
