@@ -14,8 +14,8 @@ from kompakt.config import TokenizerConfig
 from kompakt.runs import open_stage
 from kompakt.shards import TokenShards
 from kompakt.tokenization import stage
-from kompakt.tokenization.corpus import corpus_files, iter_batches, write_corpus
-from kompakt.tokenization.train import round_trip_target, special_tokens
+from kompakt.tokenization.corpus import corpus_files, is_heldout, iter_batches, write_corpus
+from kompakt.tokenization.train import round_trip_target, special_tokens, train_tokenizer
 
 NUM_DOCS = 1500
 KINDS = {"wordpiece": "bert", "unigram": "albert", "bpe": "spanbert"}
@@ -129,3 +129,21 @@ def test_tokenizer_keeps_norwegian_letters_and_case(trained):
     tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
     text = "Æ Ø Å æ ø å"
     assert tok.decode(tok.encode(text, add_special_tokens=False).ids).replace(" ", "") == text.replace(" ", "")
+
+
+def test_heldout_documents_are_the_hashed_share(trained, corpus):
+    cfg, out = trained
+    ids = [i for b in iter_batches(corpus_files(corpus), ["id"]) for i in b.column(0).to_pylist()]
+    report = json.loads((out / "report.json").read_text())
+    assert report["heldout"]["num_docs"] == sum(is_heldout(i, cfg.heldout_fraction) for i in ids)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_uncased_keeps_norwegian_letters(kind, demo_docs):
+    """lowercase=true folds case but, with strip_accents false, keeps æ, ø and å."""
+    cfg = TokenizerConfig(kind=kind, vocab_size=300, lowercase=True)
+    tok = train_tokenizer(cfg, [demo_docs[:300]])
+    text = "Blåbærsyltetøy på Ærø"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids) == round_trip_target(tok, kind, text)
+    assert tok.decode(ids).replace(" ", "") == "blåbærsyltetøypåærø"

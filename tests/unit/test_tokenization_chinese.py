@@ -38,6 +38,8 @@ def test_vocabulary_is_character_level(chinese_run):
     cfg, out = chinese_run
     hf = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     assert len(hf) == cfg.vocab_size_rounded == 256
+    # About 100 distinct characters: the rest of the 256 ids are [unusedN] padding.
+    assert "[unused0]" in hf.get_vocab()
     ids = hf("我们去北京", add_special_tokens=False)["input_ids"]
     assert hf.convert_ids_to_tokens(ids) == ["我", "们", "去", "北", "京"]
 
