@@ -37,7 +37,7 @@ from kompakt.data_prep.readers import DecodeCounter, read_documents
 from kompakt.data_prep.sentences import split_sentences
 from kompakt.errors import DataError
 from kompakt.log import info, table
-from kompakt.runs import write_json_atomic
+from kompakt.runs import StageRun, write_json_atomic
 
 # Documents per work unit: big enough to amortise inter-process transfer (about 150 KB of text on
 # the demo corpus), small enough to keep both cores busy on a few thousand documents.
@@ -230,7 +230,7 @@ def _step_rows(counts: list[tuple[str, int, int]]) -> list[dict]:
     return rows
 
 
-def run_part(cfg: DataConfig, files: list[Path], run) -> None:
+def run_part(cfg: DataConfig, files: list[Path], run: StageRun) -> None:
     """Read, normalise, filter, language-ID, sentence-split and sign one part's files into `run.work_dir`."""
     counter = DecodeCounter()
     total = Chunk()
@@ -352,7 +352,7 @@ class _ShardWriter:
         self.cols = {name: [] for name in CORPUS_SCHEMA.names}
 
 
-def merge(cfg: DataConfig, part_dirs: list[Path], run) -> None:
+def merge(cfg: DataConfig, part_dirs: list[Path], run: StageRun) -> None:
     """Deduplicate all parts in global order and write `corpus/*.parquet` and `stats.json`."""
     part_stats = [json.loads((d / PART_STATS).read_text(encoding="utf-8")) for d in part_dirs]
     num_docs_in = sum(s["documents_in"] for s in part_stats)
