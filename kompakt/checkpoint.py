@@ -6,6 +6,7 @@ Layout of `<stage>/checkpoints/`:
     step-00000017/              one complete checkpoint (a DeepSpeed tag directory):
         mp_rank_00_model_states.pt, *optim_states.pt    DeepSpeed's model, optimizer, scheduler
         rank-00000.pt ...       each rank's RNG states (python, numpy, torch, cuda) and data position
+        model.safetensors       ZeRO 0 only: whole fp32 weights (export reads them)
         consolidated.pt         ZeRO 1-2 only: whole fp32 params + optimizer state, for another world size
         train_state.json        step, tokens seen, world size, model config, tokenizer path
         complete                written before the rename; a tag without it is never loaded
@@ -45,6 +46,7 @@ LATEST = "latest"
 COMPLETE = "complete"
 TRAIN_STATE = "train_state.json"
 CONSOLIDATED = "consolidated.pt"
+WEIGHTS = "model.safetensors"
 # The optimizer state tensors of torch AdamW and of kompakt's Lamb, gathered for a world-size change.
 _OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 _TAG_RE = re.compile(r"^step-(\d+)$")
@@ -142,6 +144,13 @@ def save(engine, root: Path, step: int, train_state: dict, loader_state: Any, ke
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a save that was killed
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"kompakt_step": step}, save_latest=False)
+    if zero_stage == 0:
+        weights = whole_weights(engine)  # a collective under bf16 (fp32 masters are gathered)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(weights, str(tmp / WEIGHTS))
+            _fsync_file(tmp / WEIGHTS)
     if zero_stage in (1, 2):
         whole = consolidated_state(engine)  # a collective: every rank takes part in the gathers
         if rank == 0:
@@ -180,6 +189,17 @@ def _link_optimizer_fragments(engine) -> None:
     opt = engine.optimizer
     opt._hp_optimizer_states_linked = False
     opt._lazy_init_hp_params_optimizer_state()
+
+
+def whole_weights(engine) -> dict[str, torch.Tensor]:
+    """fp32 copies of every parameter (the optimizer's fp32 masters where there are any), on the CPU."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        out[name] = (full if full is not None else p).detach().float().cpu().contiguous()
+    return out
 
 
 def consolidated_state(engine) -> dict:

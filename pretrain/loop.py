@@ -133,6 +133,10 @@ def train(engine, engine_info: EngineInfo, cfg: PretrainConfig, loader, *, out_d
                  "accumulation_steps": accum, **(train_state_extra or {})}
         return checkpoint.save(engine, ckpt_root, step, state, loader.state_dict(), cfg.keep_last, cfg.zero_stage)
 
+    if eval_batches and not start:  # the held-out loss before any update: the baseline a run must beat
+        eval_loss = evaluate(engine, eval_batches, device)
+        if is_main:
+            metrics_file.write(json.dumps({"step": 0, "eval_loss": eval_loss}) + "\n")
     with _StopFlag() as stop_flag:
         while step < cfg.max_steps:
             # --- one optimizer step: accum micro-batches, then one agreement, then update or skip
