@@ -50,10 +50,13 @@ class AlbertLayer(nn.Module):
         self.ffn_output = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.num_heads, self.act, self.dropout = cfg.num_heads, cfg.act, cfg.dropout
 
-    def forward(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, plan, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, D) -> (T, D); with `rows`, only those rows go past attention and (len(rows), D) comes out."""
         a = self.attention
         ctx_TD = self_attention(x_TD, a.query, a.key, a.value, plan, self.num_heads,
                                 self.dropout if self.training else 0.0)
+        if rows is not None:
+            x_TD, ctx_TD = x_TD.index_select(0, rows), ctx_TD.index_select(0, rows)
         x_TD = a.LayerNorm(x_TD + F.dropout(a.dense(ctx_TD), self.dropout, self.training))
         h_TF = activation(self.act, self.ffn(x_TD))
         return self.full_layer_layer_norm(x_TD + F.dropout(self.ffn_output(h_TF), self.dropout, self.training))
@@ -72,12 +75,13 @@ class AlbertTransformer(nn.Module):
         self.embedding_hidden_mapping_in = nn.Linear(cfg.embedding_size, cfg.hidden_size)
         self.albert_layer_groups = nn.ModuleList(AlbertLayerGroup(cfg) for _ in range(cfg.num_hidden_groups))
 
-    def forward(self, x_TE: torch.Tensor, plan) -> torch.Tensor:
+    def forward(self, x_TE: torch.Tensor, plan, output_rows: torch.Tensor | None = None) -> torch.Tensor:
         x_TD = self.embedding_hidden_mapping_in(x_TE)
         for i in range(self.num_layers):
             group = self.albert_layer_groups[group_index(i, self.num_layers, self.num_groups)]
-            for layer in group.albert_layers:
-                x_TD = layer(x_TD, plan)
+            for j, layer in enumerate(group.albert_layers):
+                last = i == self.num_layers - 1 and j == len(group.albert_layers) - 1
+                x_TD = layer(x_TD, plan, output_rows if last else None)
         return x_TD
 
 
@@ -98,12 +102,14 @@ class AlbertModel(nn.Module):
         init_weights(self, cfg.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
-                position_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (T, D), or only `output_rows` of them (N, D): as BertModel, the last layer use
+        then runs its output projection and feed-forward on those rows only (exact)."""
         position_ids, token_type_ids = packed_inputs(input_ids, cu_seqlens, position_ids, token_type_ids)
         x_TE = self.embeddings(input_ids, position_ids, token_type_ids)
         plan = plan_attention(cu_seqlens, max_seqlen, x_TE.shape[0], self.cfg.attention, x_TE.dtype)
-        return self.encoder(x_TE, plan)
+        return self.encoder(x_TE, plan, output_rows)
 
     def pool(self, x_TD: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """tanh(pooler([CLS])) per sequence, (B, D)."""
@@ -150,8 +156,8 @@ class AlbertForMaskedLM(nn.Module):
     def forward(self, input_ids, cu_seqlens, mlm_positions, mlm_labels=None, max_seqlen=None,
                 position_ids=None, token_type_ids=None) -> dict:
         """Packed batch in, dict with loss, losses, num_predictions, mlm_logits out."""
-        x_TD = self.albert(input_ids, cu_seqlens, max_seqlen, position_ids, token_type_ids)
-        logits_MV = self.predictions(x_TD.index_select(0, mlm_positions))
+        x_MD = self.albert(input_ids, cu_seqlens, max_seqlen, position_ids, token_type_ids, output_rows=mlm_positions)
+        logits_MV = self.predictions(x_MD)
         losses = {"mlm": mlm_loss(logits_MV, mlm_labels)} if mlm_labels is not None else {}
         return finish({"mlm_logits": logits_MV}, losses, mlm_positions.numel())
 
@@ -171,9 +177,11 @@ class AlbertForPreTraining(nn.Module):
     def forward(self, input_ids, cu_seqlens, mlm_positions, mlm_labels=None, sop_labels=None,
                 max_seqlen=None, position_ids=None, token_type_ids=None) -> dict:
         """As AlbertForMaskedLM, plus `sop_logits` (B, 2) and an "sop" loss when `sop_labels` is given."""
-        x_TD = self.albert(input_ids, cu_seqlens, max_seqlen, position_ids, token_type_ids)
-        logits_MV = self.predictions(x_TD.index_select(0, mlm_positions))
-        sop_B2 = self.sop_classifier(self.albert.pool(x_TD, cu_seqlens))
+        M = mlm_positions.numel()
+        rows = torch.cat([mlm_positions, cu_seqlens[:-1].long()])
+        x_ND = self.albert(input_ids, cu_seqlens, max_seqlen, position_ids, token_type_ids, output_rows=rows)
+        logits_MV = self.predictions(x_ND[:M])
+        sop_B2 = self.sop_classifier(torch.tanh(self.albert.pooler(x_ND[M:])))
         losses = {}
         if mlm_labels is not None:
             losses["mlm"] = mlm_loss(logits_MV, mlm_labels)

@@ -3,14 +3,19 @@
 For a micro-batch of B sequences with lengths l_b (T = sum l_b tokens) and M predicted positions:
 
     flops = 6 * N_body * T                          every token passes through the body's matmuls
+          + 6 * N_last * R                          the last layer past attention, on the head's R rows
           + 12 * D * U * sum_b l_b^2                attention scores QK^T and the weighted sum AV
           + 6 * N_head * M                          the MLM (and SBO) head, on predicted rows only
           + 6 * N_seq * B                           pooler + SOP/NSP classifier, once per sequence
 
 - 6 = 2 FLOPs per multiply-add, times 3 for forward + backward (the backward costs twice the forward).
 - N_body counts weight matrices only (biases, LayerNorms, GELUs and softmax are under 1% and left out):
-  per layer use 4 D^2 (query, key, value, output) + 2 D F (feed-forward); ALBERT adds its factorised
-  projection E D. The embedding lookup is not a matmul and is excluded.
+  per layer use 4 D^2 (query, key, value, output) + 2 D F (feed-forward), except that the last layer
+  use counts only its 3 D^2 query/key/value for every token; ALBERT adds its factorised projection E D.
+  The embedding lookup is not a matmul and is excluded.
+- N_last = D^2 + 2 D F: the last layer's output projection and feed-forward run only on the R rows the
+  heads read (bert: R = M; albert: M + B, the [CLS] rows for SOP; spanbert: 3 M, the masked tokens and
+  their span boundaries), as the models compute them (see BertModel.forward's `output_rows`).
 - U is the number of layer uses: num_layers for BERT/SpanBERT/Lattice-BERT; num_layers * inner_group_num
   for ALBERT, whose shared layers count once per use, not once per parameter.
 - Attention per layer use: a token in a sequence of length l does 2 l D multiply-adds for its scores and
@@ -41,10 +46,17 @@ def layer_uses(cfg: ModelConfig) -> int:
 def body_matmul_params(cfg: ModelConfig) -> int:
     """Weights of the matmuls every token passes through, counted once per use (N_body)."""
     D, F = cfg.hidden_size, cfg.intermediate_size
-    n = layer_uses(cfg) * (4 * D * D + 2 * D * F)
+    n = (layer_uses(cfg) - 1) * (4 * D * D + 2 * D * F) + 3 * D * D
     if cfg.family == "albert":
         n += cfg.embedding_size * D
     return n
+
+
+def last_layer_rows(cfg: ModelConfig, num_predictions: int, num_seqs: int) -> int:
+    """R: the rows that go through the last layer's output projection and feed-forward."""
+    if cfg.family == "albert":
+        return num_predictions + num_seqs
+    return 3 * num_predictions if cfg.family == "spanbert" else num_predictions
 
 
 def head_matmul_params(cfg: ModelConfig) -> int:
@@ -72,7 +84,9 @@ def model_flops(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor, num_pr
     num_tokens, num_seqs = float(lens.sum()), lens.numel()
     # 4 D l FLOPs per token forward (QK^T and AV), times 3 with backward, summed over each sequence's l tokens.
     attention = 12 * cfg.hidden_size * layer_uses(cfg) * float((lens * lens).sum())
-    return (6 * body_matmul_params(cfg) * num_tokens + attention
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    last = 6 * (D * D + 2 * D * F) * last_layer_rows(cfg, num_predictions, num_seqs)
+    return (6 * body_matmul_params(cfg) * num_tokens + last + attention
             + 6 * head_matmul_params(cfg) * num_predictions + 6 * sequence_matmul_params(cfg) * num_seqs)
 
 

@@ -139,6 +139,9 @@ def attend(q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, plan: 
         q, k, v = (x.transpose(0, 1)[None] for x in (q_THK, k_THK, v_THK))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, dropout_p=dropout_p)
         return out[0].transpose(0, 1)
+    if dropout_p > 0 and plan.backend in ("flex", "varlen"):
+        raise ValueError(f"attention backend {plan.backend!r} has no attention dropout; "
+                         "set model.dropout=0 (the pretraining default) or model.attention=mask")
     if plan.backend == "flex":
         q, k, v = (x.transpose(0, 1)[None] for x in (q_THK, k_THK, v_THK))
         out = _flex_attention(q.device)(q, k, v, block_mask=plan.block_mask)
