@@ -127,6 +127,7 @@ def train(engine, engine_info: EngineInfo, cfg: PretrainConfig, loader, *, out_d
     eval_loss = None
     stopped = "done"
     saved_at = None
+    fp32_grad_norm = None
 
     def save() -> Path:
         state = {"step": step, "tokens_seen": tokens_seen, "num_skipped": num_skipped, "world_size": world,
@@ -170,8 +171,15 @@ def train(engine, engine_info: EngineInfo, cfg: PretrainConfig, loader, *, out_d
                 skipped_before = engine.skipped_steps
                 last_epoch = engine.lr_scheduler.last_epoch
                 if cfg.zero_stage == 0 and engine_info.precision == "fp32":
-                    engine.zero_grad()  # grads None: the torch optimizer leaves every parameter as it is
-                    engine.step()
+                    # Plain data parallel has no overflow check: drop the gradients (torch optimizers leave
+                    # a parameter without one untouched) and let DeepSpeed only advance its counters,
+                    # with clipping off for this call since there is nothing to clip.
+                    engine.zero_grad()
+                    clip, engine._config.gradient_clipping = engine._config.gradient_clipping, 0.0
+                    try:
+                        engine.step()
+                    finally:
+                        engine._config.gradient_clipping = clip
                 else:
                     engine.step()  # ZeRO / bf16 see the non-finite norm and skip the update themselves
                     assert engine.skipped_steps == skipped_before + 1, "DeepSpeed applied a non-finite step"
@@ -186,6 +194,10 @@ def train(engine, engine_info: EngineInfo, cfg: PretrainConfig, loader, *, out_d
                         f"max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}); lower pretrain.optim.lr, add warmup "
                         f"or resume from an earlier checkpoint")
             else:
+                if (step + 1) % cfg.log_every == 0 and cfg.zero_stage == 0 and engine_info.precision == "fp32":
+                    # DeepSpeed clips fp32 ZeRO-0 gradients without keeping the norm; measure it for the log.
+                    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                    fp32_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
                 engine.step()
                 nonfinite_in_a_row = 0
             step += 1
@@ -199,7 +211,8 @@ def train(engine, engine_info: EngineInfo, cfg: PretrainConfig, loader, *, out_d
                     interval_losses[name] = interval_losses.get(name, 0.0) + float(value) / accum
 
             # --- periodic work
-            if cfg.eval_every and eval_batches and step % cfg.eval_every == 0:
+            evaluated = bool(cfg.eval_every and eval_batches and step % cfg.eval_every == 0)
+            if evaluated:
                 eval_loss = evaluate(engine, eval_batches, device)
             if step % cfg.log_every == 0 or step == cfg.max_steps or stop_now:
                 dt = time.perf_counter() - interval["t0"]
@@ -211,12 +224,12 @@ def train(engine, engine_info: EngineInfo, cfg: PretrainConfig, loader, *, out_d
                 tokens_per_s = interval["tokens"] / max(dt, 1e-9)
                 if is_main:
                     row = {"step": step, "tokens_seen": tokens_seen, "lr": engine.get_lr()[0],
-                           "grad_norm": _grad_norm(engine), "tokens_per_s": round(tokens_per_s, 1),
+                           "grad_norm": _grad_norm(engine) if fp32_grad_norm is None else fp32_grad_norm, "tokens_per_s": round(tokens_per_s, 1),
                            "num_skipped": num_skipped, **{f"loss_{k}" if k != "loss" else k: v
                                                           for k, v in last_losses.items()}}
                     if flops_per_token and peak_flops:
                         row["mfu"] = flops_per_token * tokens_per_s / (peak_flops * world)
-                    if eval_loss is not None:
+                    if evaluated:
                         row["eval_loss"] = eval_loss
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()

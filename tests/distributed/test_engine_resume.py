@@ -118,3 +118,59 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
     w_ref, w_mixed = weights(ref), weights(mixed)
     for k in w_ref:
         torch.testing.assert_close(w_mixed[k], w_ref[k], rtol=1e-4, atol=1e-5)
+
+
+def _saved_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    if (tag_dir / "consolidated.pt").is_file():
+        return torch.load(tag_dir / "consolidated.pt", weights_only=True)["params"]
+    from safetensors.torch import load_file
+
+    return load_file(str(tag_dir / "model.safetensors"))
+
+
+def test_nonfinite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path):
+    """ZeRO-2: a NaN in step 3 leaves the weights of step 2 untouched, step 4 updates again.
+    ZeRO-0: NaN from step 3 on stops the run after max_nonfinite_in_a_row (5) skipped steps."""
+    one = tmp_path / "one"
+    run(one, "--steps", "4", "--zero", "2", "--save-every", "1", "--keep-last", "4", "--dropout", "0",
+        env={"WORKER_NAN_CALLS": "5"})  # 2 micro-batches per step: call 5 is step 3's first
+    ck = one / "checkpoints"
+    w1, w2, w3, w4 = (_saved_weights(ck / f"step-0000000{i}") for i in (1, 2, 3, 4))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2), "a non-finite step changed the weights"
+    assert not all(torch.equal(w1[k], w2[k]) for k in w2) and not all(torch.equal(w3[k], w4[k]) for k in w3)
+    rows = {json.loads(line)["step"]: json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()}
+    assert rows[2]["num_skipped"] == 0 and rows[3]["num_skipped"] == 1 and rows[4]["num_skipped"] == 1
+    assert all(torch.isfinite(v).all() for v in w4.values())
+
+    many = tmp_path / "many"
+    procs = launch(many, "--steps", "20", "--zero", "0", "--save-every", "1", "--keep-last", "4",
+                   env={"WORKER_NAN_CALLS": "5+"})
+    assert procs[0].wait(timeout=300) != 0
+    log = (tmp_path / "many-rank0.log").read_text()
+    assert "5 optimizer steps in a row had a non-finite loss" in log
+    ck = many / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step-*")) == [f"step-0000000{i}" for i in (3, 4, 5, 6)]
+    w3, w6 = _saved_weights(ck / "step-00000003"), _saved_weights(ck / "step-00000006")
+    assert all(torch.equal(w3[k], w6[k]) for k in w3), "ZeRO-0 applied a non-finite step"
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_for_a_requeue(tmp_path):
+    """Slurm's warning: SIGTERM mid-run -> checkpoint at that step, exit 75; resume: auto finishes with
+    every micro-batch seen exactly once (tokens seen = steps x tokens per step)."""
+    from kompakt.pretrain.loop import REQUEUE_EXIT
+
+    out = tmp_path / "run"
+    common = ["--steps", "300", "--save-every", "1000", "--dropout", "0"]
+    procs = launch(out, *common)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert procs[0].poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.kill(procs[0].pid, signal.SIGTERM)
+    assert procs[0].wait(timeout=120) == REQUEUE_EXIT
+    stopped_at = int((out / "checkpoints" / "latest").read_text().removeprefix("step-"))
+    assert 3 <= stopped_at < 300
+    assert max(losses(out)) == stopped_at
+    run(out, *common)
+    result = json.loads((out / "result.json").read_text())
+    assert result == {"step": 300, "tokens_seen": 300 * 2 * 48, "stopped": "done", "num_skipped": 0, "accum": 2}

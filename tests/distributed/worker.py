@@ -42,10 +42,18 @@ class TinyPackedMLM(nn.Module):
         h = self.norm(h + torch.tanh(self.mix(ctx[seq_of_token])))
         logits = self.head(self.drop(h[mlm_positions]))
         loss = F.cross_entropy(logits, mlm_labels)
-        if os.environ.get("WORKER_NAN_AT_STEP") and int(os.environ["WORKER_NAN_AT_STEP"]) == self.calls:
-            loss = loss * float("nan")
         self.calls = getattr(self, "calls", 0) + 1
+        if _nan_call(self.calls):
+            loss = loss * float("nan")
         return {"loss": loss, "losses": {"mlm": loss.detach()}, "num_predictions": int(mlm_positions.numel())}
+
+
+def _nan_call(call: int) -> bool:
+    """WORKER_NAN_CALLS="4" poisons the 4th forward call of this process, "4+" every call from the 4th on."""
+    spec = os.environ.get("WORKER_NAN_CALLS", "")
+    if not spec:
+        return False
+    return call >= int(spec[:-1]) if spec.endswith("+") else call in {int(x) for x in spec.split(",")}
 
 
 def make_batch(index: int, tokens: int = 48) -> dict:
@@ -103,19 +111,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--optim", default="adamw")
     p.add_argument("--schedule", default="cosine")
     p.add_argument("--pause-before-micro", type=int, default=None)
+    p.add_argument("--keep-last", type=int, default=2)
     args = p.parse_args(argv)
 
     from kompakt import checkpoint
     from kompakt.dist import setup_env
     from kompakt.engine import build_engine, init_distributed
-    from kompakt.pretrain.loop import train
+    from kompakt.pretrain.loop import REQUEUE_EXIT, train
     from kompakt.pretrain_config import PretrainConfig
 
     env = setup_env()
     init_distributed(env)
     micro_tokens = 48
     cfg = PretrainConfig.model_validate({
-        "max_steps": args.steps, "save_every": args.save_every, "keep_last": 2, "resume": args.resume,
+        "max_steps": args.steps, "save_every": args.save_every, "keep_last": args.keep_last, "resume": args.resume,
         "zero_stage": args.zero, "log_every": 1, "seed": 3,
         "optim": {"name": args.optim, "lr": 3e-2, "weight_decay": 0.01, "grad_clip": 1.0},
         "schedule": {"kind": args.schedule, "warmup_steps": 2},
@@ -139,7 +148,7 @@ def main(argv: list[str]) -> int:
         (args.out / "result.json").write_text(json.dumps({"step": result.step, "tokens_seen": result.tokens_seen,
                                                           "stopped": result.stopped, "num_skipped": result.num_skipped,
                                                           "accum": info.accumulation_steps}))
-    return 0
+    return REQUEUE_EXIT if result.stopped != "done" else 0
 
 
 if __name__ == "__main__":
