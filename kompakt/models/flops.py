@@ -116,4 +116,6 @@ def lattice_model_flops(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor
     attention = 12 * D * U * squares
     bias = 3 * (3 + U) * cfg.num_heads * squares
     head = D * D + D * num_embedding_rows(cfg)
-    return 6 * body_matmul_params(cfg) * float(lens.sum()) + attention + bias + 6 * head * num_predictions
+    last = 6 * (D * D + 2 * D * cfg.intermediate_size) * last_layer_rows(cfg, num_predictions, lens.numel())
+    return (6 * body_matmul_params(cfg) * float(lens.sum()) + last + attention + bias
+            + 6 * head * num_predictions)

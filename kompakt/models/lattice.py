@@ -18,14 +18,15 @@ Lattice position attention: every layer adds to its attention scores a per-head 
 
 the SUM of four learned embeddings of relative distances, each clipped to [-R, R] with
 R = `model.lattice.max_relative_distance`. The bias is computed once per forward and shared by all
-layers (as T5 shares its relative bias), which costs B * H * L^2 floats per micro-batch. Absolute
+layers (as T5 shares its relative bias), which costs R * H * L^2 floats per micro-batch (R grid rows). Absolute
 positions enter BERT-style, through the position embedding of `lattice_start`. With the bias
 tables at zero and a characters-only input, the model is exactly a BERT encoder (tested).
 
-Attention runs through kompakt/models/packing.py's "padded" backend: the packed stream is scattered
-into (B, L) only for the SDPA call, whose additive float mask holds the bias plus the most negative
-float on padding keys, so attention never crosses a sequence boundary. The Hugging Face classes in
-kompakt/hf_lattice.py run the same encoder on a padded batch.
+Attention runs through kompakt/models/packing.py's "rows" backend (or "padded"): the packed stream
+is scattered into a grid of rows only for the SDPA call, and the bias is laid out on the same grid
+and added to the plan's mask (-inf between different sequences of a row), so attention never
+crosses a sequence boundary. The Hugging Face classes in kompakt/hf_lattice.py run the same
+encoder on a padded batch.
 
 Parameter names are HF `BertModel`'s plus `position_bias.embeddings.weight` (the four bias tables
 stacked), so BERT weights load into a Lattice-BERT (`load_state_dict(..., strict=False)`) unchanged.
@@ -60,7 +61,7 @@ class LatticePositionBias(nn.Module):
         self.embeddings = nn.Embedding(len(DISTANCE_TYPES) * (2 * max_relative_distance + 1), num_heads)
 
     def forward(self, start_BL: torch.Tensor, end_BL: torch.Tensor) -> torch.Tensor:
-        """The bias (B, H, L, L) for spans (B, L) of one padded batch."""
+        """The bias (R, H, L, L) for spans (R, L) laid out on a grid of R rows."""
         R = self.max_relative_distance
         width = 2 * R + 1
         bias_BLLH = None
@@ -72,22 +73,29 @@ class LatticePositionBias(nn.Module):
         return bias_BLLH.permute(0, 3, 1, 2)
 
 
-def pad_to_batch(x_T: torch.Tensor, plan: AttentionPlan, fill: int = 0) -> torch.Tensor:
-    """Scatter a per-token tensor (T, ...) of the packed stream into (B, L, ...) with `fill` in padding."""
-    B, L = plan.num_seqs, plan.max_seqlen
-    out = x_T.new_full((B * L, *x_T.shape[1:]), fill)
-    return out.index_copy(0, plan.index_T, x_T).view(B, L, *x_T.shape[1:])
+def to_grid(x_T: torch.Tensor, plan: AttentionPlan, fill: int = 0) -> torch.Tensor:
+    """Scatter a per-token tensor (T, ...) of the packed stream into the plan's (rows, L, ...) grid."""
+    L = plan.max_seqlen
+    num_slots = plan.pad_slots.numel() + x_T.shape[0]
+    out = x_T.new_full((num_slots, *x_T.shape[1:]), fill)
+    return out.index_copy(0, plan.index_T, x_T).view(num_slots // L, L, *x_T.shape[1:])
 
 
 def lattice_plan(position_bias: LatticePositionBias, cu_seqlens: torch.Tensor, max_seqlen: int | None,
-                 lattice_start: torch.Tensor, lattice_end: torch.Tensor, dtype: torch.dtype) -> AttentionPlan:
-    """A "padded" attention plan whose mask is the additive lattice bias, most negative on padding keys."""
-    plan = plan_attention(cu_seqlens, max_seqlen, lattice_start.shape[0], backend="padded", dtype=dtype)
-    bias_BHLL = position_bias(pad_to_batch(lattice_start, plan), pad_to_batch(lattice_end, plan)).to(dtype)
+                 lattice_start: torch.Tensor, lattice_end: torch.Tensor, dtype: torch.dtype,
+                 backend: str = "rows") -> AttentionPlan:
+    """An attention plan on a grid backend whose mask is the additive lattice bias plus the plan's own
+    masking: "rows" (sequences bin-packed into rows, -inf across sequences) or "padded" (one row per
+    sequence, the most negative float on padding keys)."""
+    assert backend in ("rows", "padded"), "the lattice bias needs an additive-mask grid backend"
+    plan = plan_attention(cu_seqlens, max_seqlen, lattice_start.shape[0], backend=backend, dtype=dtype)
+    bias_RHLL = position_bias(to_grid(lattice_start, plan), to_grid(lattice_end, plan)).to(dtype)
+    if backend == "rows":
+        # plan.mask is (R, 1, L, L): 0 within a sequence, -inf across (padding slots see each other).
+        return dataclasses.replace(plan, mask=bias_RHLL + plan.mask)
     # plan.mask is (B, 1, 1, L), True on real keys. Padding keys get the most negative float rather
     # than -inf, so a row with no real key (an empty sequence) stays finite instead of NaN.
-    bias_BHLL = bias_BHLL.masked_fill(~plan.mask, torch.finfo(dtype).min)
-    return dataclasses.replace(plan, mask=bias_BHLL)
+    return dataclasses.replace(plan, mask=bias_RHLL.masked_fill(~plan.mask, torch.finfo(dtype).min))
 
 
 def num_embedding_rows(cfg: ModelConfig) -> int:
@@ -99,8 +107,8 @@ def num_embedding_rows(cfg: ModelConfig) -> int:
 class LatticeBertModel(nn.Module):
     """The Lattice-BERT encoder: a packed lattice batch in, hidden states (T, D) out.
 
-    Attention always uses the "padded" backend (the bias needs an additive mask), whatever
-    `model.attention` says."""
+    The bias needs an additive mask, so attention runs on a grid backend: "padded" when
+    `model.attention` says so, else "rows" (also on CUDA, where flex and varlen take no bias)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -113,17 +121,22 @@ class LatticeBertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, lattice_start: torch.Tensor,
                 lattice_end: torch.Tensor, max_seqlen: int | None = None,
-                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Hidden states (T, D). `position_ids` is accepted for the batch contract and ignored:
-        a lattice token's absolute position is its `lattice_start`."""
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (T, D), or only `output_rows` of them, (N, D).
+
+        `position_ids` is accepted for the batch contract and ignored: a lattice token's absolute
+        position is its `lattice_start`. With `output_rows` the last layer runs past attention on
+        those rows only (exact, as in kompakt.models.bert.BertModel)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x_TD = self.embeddings(input_ids, lattice_start, token_type_ids)
+        backend = "padded" if self.cfg.attention == "padded" else "rows"
         plan = lattice_plan(self.position_bias, cu_seqlens, max_seqlen, lattice_start, lattice_end,
-                            x_TD.dtype)
-        for layer in self.encoder.layer:
-            x_TD = layer(x_TD, plan)
+                            x_TD.dtype, backend)
+        last = len(self.encoder.layer) - 1
+        for i, layer in enumerate(self.encoder.layer):
+            x_TD = layer(x_TD, plan, output_rows if i == last else None)
         return x_TD
 
 
@@ -142,9 +155,9 @@ class LatticeBertForPreTraining(nn.Module):
     def forward(self, input_ids, cu_seqlens, lattice_start, lattice_end, mlm_positions, mlm_labels=None,
                 max_seqlen=None, token_type_ids=None, position_ids=None) -> dict:
         """Packed lattice batch in; dict with loss, losses {"msp"}, num_predictions, mlm_logits (M, V) out."""
-        x_TD = self.lattice_bert(input_ids, cu_seqlens, lattice_start, lattice_end, max_seqlen,
-                                 token_type_ids)
-        logits_MV = self.cls.predictions(x_TD.index_select(0, mlm_positions))
+        x_MD = self.lattice_bert(input_ids, cu_seqlens, lattice_start, lattice_end, max_seqlen,
+                                 token_type_ids, output_rows=mlm_positions)
+        logits_MV = self.cls.predictions(x_MD)
         losses = {"msp": mlm_loss(logits_MV, mlm_labels)} if mlm_labels is not None else {}
         return finish({"mlm_logits": logits_MV}, losses, mlm_positions.numel())
 

@@ -68,6 +68,16 @@ def test_document_boundary_blocks_attention():
 
 
 @torch.no_grad()
+def test_rows_and_padded_grids_agree():
+    rows = model()
+    padded_model = LatticeBertModel(config(attention="padded")).eval()
+    padded_model.load_state_dict(rows.state_dict())
+    short = ([CLS, 7, SEP], [0, 1, 2], [0, 1, 2])
+    batch = packed(SEQ_A, SEQ_B, short, SEQ_B)  # rows of 9 tokens: 9 | 5 + 3 | 5, three rows for four sequences
+    torch.testing.assert_close(rows(**batch), padded_model(**batch), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_lattice_bias_depends_on_word_spans():
     m = model()
     base = m(**packed(SEQ_A))
