@@ -24,7 +24,7 @@ For a micro-batch of B sequences with lengths l_b (T = sum l_b tokens) and M pre
 - N_head per predicted row: BERT/SpanBERT transform D^2 + decoder D V; ALBERT dense D E + decoder E V;
   SpanBERT adds its SBO head 3 D^2 + D^2 + D V.
 - N_seq per sequence: ALBERT's pooler D^2 + SOP classifier 2 D (MLM-only BERT has none).
-  The lattice position bias (a table lookup) is not counted.
+  Lattice-BERT adds its word rows to V and the position bias additions (`lattice_model_flops`).
 
 Legend: D hidden size, F intermediate size, E ALBERT embedding width, V vocabulary, L layers.
 """
