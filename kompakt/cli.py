@@ -2,6 +2,8 @@
 
     kompakt prepare RECIPE [key.sub=value ...]     clean the corpus (data_prep)
     kompakt tokenizer RECIPE [...]                 train a tokenizer and write packed token shards
+    kompakt pretrain RECIPE [...] [--dry-run]      pretrain with DeepSpeed (CPU, GPU, many nodes)
+    kompakt export CHECKPOINT_DIR [--out DIR]      a pretraining checkpoint as a Hugging Face folder
     kompakt run RECIPE [...]                       every stage the recipe has, in order
     kompakt validate RECIPE [...]                  check a recipe and print it resolved
     kompakt bench data [--json]                    benchmarks, with ratios against a baseline
@@ -58,6 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "corpus (running data_prep first if needed), saves an AutoTokenizer folder, "
                                    "writes report.json and packed uint16/uint32 token shards.")
     _add_recipe_args(p)
+    p = sub.add_parser("pretrain", help="pretrain the model on the packed token shards with DeepSpeed",
+                       description="pretrain: trains the recipe's model on the tokenizer stage's shards on one CPU, "
+                                   "one GPU or many (launch with torchrun, srun or deepspeed), saving kill-safe "
+                                   "checkpoints; resume: auto continues. SIGTERM/SIGUSR1 or the time limit save and "
+                                   "exit with status 75 for a requeue. Ends with an HF export.")
+    _add_recipe_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print parameters, tokens per step, accumulation steps and FLOPs per token; train nothing")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: processes to plan for (default: the launcher's, else 1)")
+    p = sub.add_parser("export", help="export a pretraining checkpoint as a Hugging Face folder",
+                       description="Writes config.json, model.safetensors, the tokenizer and a model card from a "
+                                   "complete checkpoints/step-* directory.")
+    p.add_argument("checkpoint", help="a pretrain-*/checkpoints/step-* directory")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>-hf)")
     p = sub.add_parser("run", help="run every stage of the recipe in order",
                        description="Runs each stage whose section the recipe has, skipping complete ones.")
     _add_recipe_args(p)
@@ -85,7 +102,34 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result, sort_keys=True))
         return 0
+    if args.command == "export":
+        from pathlib import Path
+
+        from kompakt.pretrain.stage import export_checkpoint
+
+        ckpt = Path(args.checkpoint)
+        out = export_checkpoint(ckpt, Path(args.out) if args.out else ckpt.with_name(ckpt.name + "-hf"))
+        print(out)
+        return 0
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "pretrain":
+        from kompakt.pretrain import stage as pretrain_stage
+
+        if args.dry_run:
+            from kompakt.dist import detect
+            from kompakt.errors import ConfigError
+
+            if recipe.model is None or recipe.pretrain is None:
+                raise ConfigError("recipe has no model or pretrain section; add both (see recipes/demo-nb.yaml)")
+            vocab = recipe.model.vocab_size or (recipe.tokenizer.vocab_size_rounded if recipe.tokenizer else None)
+            if vocab is None:
+                raise ConfigError("set model.vocab_size or a tokenizer section so --dry-run knows the vocabulary")
+            world = args.world_size or detect().world_size
+            num_words = recipe.tokenizer.lexicon_size if recipe.tokenizer and recipe.tokenizer.lexicon else 0
+            pretrain_stage.print_dry_run(pretrain_stage.dry_run(recipe.model, recipe.pretrain, vocab, world, num_words))
+            return 0
+        pipeline.pretrain(recipe, force=args.force)
+        return 0
     if args.command == "validate":
         print(json.dumps(recipe.model_dump(mode="json"), indent=2, ensure_ascii=False))
         return 0

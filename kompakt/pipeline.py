@@ -90,8 +90,65 @@ def tokenizer(recipe: Recipe, force: bool = False) -> Path:
     return d
 
 
+# pretrain keys that change how a run is driven (checkpoint cadence, logging, limits, where to resume
+# from), not what it computes; kept out of the hash so a requeue with a new time limit continues.
+_PRETRAIN_RUNTIME_KEYS = {"resume", "time_limit_minutes", "save_every", "keep_last", "log_every", "eval_every",
+                          "eval_batches", "max_nonfinite_in_a_row"}
+
+
+def pretrain_dir(recipe: Recipe, tokenizer_dir: Path) -> tuple[Path, dict, dict]:
+    """The pretrain stage directory with its hashed config and inputs."""
+    cfg = {k: v for k, v in section_dict(recipe.pretrain).items() if k not in _PRETRAIN_RUNTIME_KEYS}
+    cfg["data"] = {k: v for k, v in cfg["data"].items() if k != "prefetch"}
+    config = {"model": section_dict(recipe.model), "pretrain": cfg}
+    inputs = {"tokenizer": read_manifest(tokenizer_dir)["hash"]}
+    return stage_dir(_run_dir(recipe), "pretrain", config, inputs), config, inputs
+
+
+def pretrain(recipe: Recipe, force: bool = False) -> Path:
+    """pretrain: token shards -> `pretrain-<hash>/` with checkpoints/, metrics.jsonl, tb/ and export/.
+
+    Unlike the other stages the directory is used in place (checkpoints survive kills and requeues);
+    `manifest.json` with `complete: true` appears only after the export. Several processes (torchrun,
+    srun, deepspeed) need the tokenizer stage complete beforehand: run `kompakt tokenizer` first.
+    """
+    from kompakt import dist
+    from kompakt.pretrain import stage as pretrain_stage
+
+    if recipe.model is None or recipe.pretrain is None:
+        raise ConfigError("recipe has no model or pretrain section; add both (see recipes/demo-nb.yaml)")
+    world = dist.detect().world_size
+    if world > 1:
+        tok_dir = stage_dir(_run_dir(recipe), "tokenizer", _hashed(recipe.tokenizer),
+                            {"corpus": read_manifest(prepare_dir(recipe))["hash"]}) if recipe.tokenizer else None
+        if tok_dir is None or not is_complete(tok_dir):
+            raise ConfigError("the tokenizer stage is not complete; run `kompakt tokenizer RECIPE` in one process "
+                              "before launching pretraining on several")
+    else:
+        tok_dir = tokenizer(recipe)
+    d, config, inputs = pretrain_dir(recipe, tok_dir)
+    if not force and is_complete(d):
+        info(f"pretrain: complete, skipped ({d})")
+        return d
+    info(f"pretrain: {d}")
+    return pretrain_stage.run(recipe.model, recipe.pretrain, tok_dir, d, stage_hash=d.name.rsplit("-", 1)[1],
+                              inputs=inputs, recipe_name=recipe.name)
+
+
+def prepare_dir(recipe: Recipe) -> Path:
+    """The merged data_prep directory of a recipe, without running anything (all parts must be complete)."""
+    files = recipe.resolve_inputs()
+    n = recipe.data.num_shards
+    parts = []
+    for i in range(n):
+        inputs = {"part": f"{i}/{n}", **{str(f): file_fingerprint(f) for f in files[i::n]}}
+        parts.append(stage_dir(_run_dir(recipe), "prepare_part", _hashed(recipe.data), inputs))
+    inputs = {p.name: (read_manifest(p) or {}).get("hash") for p in parts}
+    return stage_dir(_run_dir(recipe), "prepare", _hashed(recipe.data), inputs)
+
+
 # The order `kompakt run` follows; a stage runs when its recipe section is present.
-STAGES = [("prepare", "data", prepare), ("tokenizer", "tokenizer", tokenizer)]
+STAGES = [("prepare", "data", prepare), ("tokenizer", "tokenizer", tokenizer), ("pretrain", "pretrain", pretrain)]
 
 
 def run_all(recipe: Recipe, force: bool = False) -> dict[str, Path | None]:

@@ -22,7 +22,7 @@ import torch
 from kompakt import checkpoint, dist
 from kompakt.engine import build_engine, init_distributed
 from kompakt.errors import ConfigError, DataError
-from kompakt.log import info, table
+from kompakt.log import info, table, warn
 from kompakt.model_config import ModelConfig, check_vocab
 from kompakt.pretrain_config import PretrainConfig
 from kompakt.runs import RESOLVED_CONFIG, package_versions, write_json_atomic
@@ -178,6 +178,12 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
     tok = load_tokenizer(tokenizer_dir)
     specials = SpecialIds.from_tokenizer(tok)
     model_cfg = check_vocab(model_cfg, specials.vocab_size, str(tokenizer_dir))
+    if model_cfg.family == "lattice" and model_cfg.lattice.num_words == 0:
+        lexicon = tokenizer_dir / "lexicon.txt"
+        if not lexicon.is_file():
+            raise DataError(f"{lexicon} does not exist; a lattice model needs a tokenizer trained with tokenizer.lexicon")
+        num_words = sum(1 for line in lexicon.read_text(encoding="utf-8").splitlines() if line.strip())
+        model_cfg = model_cfg.model_copy(update={"lattice": model_cfg.lattice.model_copy(update={"num_words": num_words})})
     shards = TokenShards(tokenizer_stage / "tokens")
     examples = build_examples(shards, cfg.objective.max_seq_len - cfg.objective.num_specials,
                               2 if cfg.objective.sop else 1)
@@ -255,17 +261,21 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
     return stage_dir
 
 
-def dry_run(model_cfg: ModelConfig, cfg: PretrainConfig, vocab_size: int, world_size: int) -> dict:
+def dry_run(model_cfg: ModelConfig, cfg: PretrainConfig, vocab_size: int, world_size: int, num_words: int = 0) -> dict:
     """Parameters, tokens per step, accumulation steps and FLOPs per token from the config alone.
 
     The model is built on the meta device (no memory, no corpus needed). Accumulation assumes full
     micro-batches; a real run uses the measured mean fill, which can ask for a step more.
+    `num_words` stands in for a lattice model's lexicon size when the recipe leaves it to the tokenizer.
     """
     from kompakt.models import build_pretraining_model
     from kompakt.models.flops import flops_per_token
 
     if model_cfg.vocab_size is None:
         model_cfg = model_cfg.model_copy(update={"vocab_size": vocab_size})
+    if model_cfg.family == "lattice" and model_cfg.lattice.num_words == 0:
+        lattice = model_cfg.lattice.model_copy(update={"num_words": num_words})
+        model_cfg = model_cfg.model_copy(update={"lattice": lattice})
     with torch.device("meta"):
         model = build_pretraining_model(model_cfg)
     num_params = sum(p.numel() for p in model.parameters())
@@ -282,6 +292,10 @@ def dry_run(model_cfg: ModelConfig, cfg: PretrainConfig, vocab_size: int, world_
         "flops_per_token": flops_per_token(model_cfg, [seq] * num_seqs, predictions),
     }
     figures["total_flops"] = figures["flops_per_token"] * figures["total_tokens"]
+    if figures["tokens_per_step"] > 1.1 * cfg.data.global_batch_tokens:
+        warn(f"{world_size} processes x {cfg.data.tokens_per_micro_batch:,} tokens per micro-batch exceed "
+             f"pretrain.data.global_batch_tokens={cfg.data.global_batch_tokens:,}; lower "
+             f"pretrain.data.tokens_per_micro_batch or run on fewer processes")
     return figures
 
 

@@ -105,6 +105,7 @@ def test_exact_resume_after_kill_in_save_and_sigkill(tmp_path):
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000035", "step-00000040"]
 
 
+@pytest.mark.slow  # ~15-30 s of process start-ups; `make test-all` runs it
 def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
     """ZeRO-2 on 2 ranks for 6 steps, then 1 rank to step 10 = 1 rank for 10 steps straight."""
     common = ["--dropout", "0", "--zero", "2", "--schedule", "constant", "--save-every", "3"]
@@ -128,6 +129,7 @@ def _saved_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(tag_dir / "model.safetensors"))
 
 
+@pytest.mark.slow  # ~15-30 s of process start-ups; `make test-all` runs it
 def test_nonfinite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path):
     """ZeRO-2: a NaN in step 3 leaves the weights of step 2 untouched, step 4 updates again.
     ZeRO-0: NaN from step 3 on stops the run after max_nonfinite_in_a_row (5) skipped steps."""
@@ -154,6 +156,7 @@ def test_nonfinite_loss_skips_the_update_and_too_many_stop_the_run(tmp_path):
     assert all(torch.equal(w3[k], w6[k]) for k in w3), "ZeRO-0 applied a non-finite step"
 
 
+@pytest.mark.slow  # ~15-30 s of process start-ups; `make test-all` runs it
 def test_sigterm_saves_at_the_step_boundary_and_exits_for_a_requeue(tmp_path):
     """Slurm's warning: SIGTERM mid-run -> checkpoint at that step, exit 75; resume: auto finishes with
     every micro-batch seen exactly once (tokens seen = steps x tokens per step)."""

@@ -60,6 +60,7 @@ def tiny_pretrain(**overrides) -> PretrainConfig:
     return PretrainConfig.model_validate(raw)
 
 
+@pytest.mark.slow  # about 45 s on 2 loaded cores
 @pytest.mark.distributed
 def test_heldout_mlm_loss_falls_and_export_loads(tokenizer_stage, tmp_path):
     from kompakt.pretrain import stage
