@@ -56,7 +56,8 @@ class AlbertLayer(nn.Module):
         ctx_TD = self_attention(x_TD, a.query, a.key, a.value, plan, self.num_heads,
                                 self.dropout if self.training else 0.0)
         if rows is not None:
-            x_TD, ctx_TD = x_TD.index_select(0, rows), ctx_TD.index_select(0, rows)
+            # Indexing, not index_select: its backward measured 3-10x faster on CPU (index_put vs scatter_add).
+            x_TD, ctx_TD = x_TD[rows], ctx_TD[rows]
         x_TD = a.LayerNorm(x_TD + F.dropout(a.dense(ctx_TD), self.dropout, self.training))
         h_TF = activation(self.act, self.ffn(x_TD))
         return self.full_layer_layer_norm(x_TD + F.dropout(self.ffn_output(h_TF), self.dropout, self.training))

@@ -137,7 +137,8 @@ class BertLayer(nn.Module):
         ctx_TD = self_attention(x_TD, sa.query, sa.key, sa.value, plan, self.num_heads,
                                 self.dropout if self.training else 0.0)
         if rows is not None:
-            x_TD, ctx_TD = x_TD.index_select(0, rows), ctx_TD.index_select(0, rows)
+            # Indexing, not index_select: its backward measured 3-10x faster on CPU (index_put vs scatter_add).
+            x_TD, ctx_TD = x_TD[rows], ctx_TD[rows]
         x_TD = so.LayerNorm(x_TD + F.dropout(so.dense(ctx_TD), self.dropout, self.training))
         h_TF = activation(self.act, self.intermediate.dense(x_TD))
         return self.output.LayerNorm(x_TD + F.dropout(self.output.dense(h_TF), self.dropout, self.training))
