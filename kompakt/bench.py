@@ -47,6 +47,10 @@ def run(what: str, recipe: str, quick: bool = False) -> dict:
         from kompakt.eval.bench_model import model_throughput
 
         result = model_throughput(recipe, quick=quick)
+    elif what == "train":
+        from kompakt.pretrain.bench import train_throughput
+
+        result = train_throughput(recipe, quick=quick)
     else:
         raise ValueError(f"unknown benchmark {what!r}")
     result["device"] = device_name()

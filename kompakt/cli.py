@@ -29,6 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCHES = {
     "data": "pre-tokenisation MB/s against raw tokenizer.encode_batch, and dedup documents/s",
     "model": "packed MLM training tokens/s against stock BertForMaskedLM, padded and concatenated",
+    "train": "end-to-end pretraining tokens/s (loader + DeepSpeed + optimizer) against the HF Trainer, "
+             "line-by-line and concatenated",
 }
 
 
