@@ -43,6 +43,7 @@ def test_grid_backends_equal_per_sequence_attention_with_grads(backend):
 
 
 @pytest.mark.parametrize("backend", ["rows", "mask", "flex"])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_backends_agree_with_padded(backend):
     torch.manual_seed(1)
     lengths = [7, 2, 12]
