@@ -119,8 +119,9 @@ def pretrain(recipe: Recipe, force: bool = False) -> Path:
         raise ConfigError("recipe has no model or pretrain section; add both (see recipes/demo-nb.yaml)")
     world = dist.detect().world_size
     if world > 1:
+        corpus = read_manifest(prepare_dir(recipe)) or {}
         tok_dir = stage_dir(_run_dir(recipe), "tokenizer", _hashed(recipe.tokenizer),
-                            {"corpus": read_manifest(prepare_dir(recipe))["hash"]}) if recipe.tokenizer else None
+                            {"corpus": corpus.get("hash")}) if recipe.tokenizer and corpus else None
         if tok_dir is None or not is_complete(tok_dir):
             raise ConfigError("the tokenizer stage is not complete; run `kompakt tokenizer RECIPE` in one process "
                               "before launching pretraining on several")
