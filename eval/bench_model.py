@@ -11,12 +11,14 @@ real (non-padding) tokens; warm-up steps are excluded. Three ways to feed those 
 - concat (HF baseline 2): documents concatenated and cut into full rows of `seq_len`, as run_mlm.py's
   group_texts (no padding, but attention crosses documents), logits on every position.
 
-Reported: real tokens/s for each, `ratio` = ours / padded, `ratio_concat` = ours / concat.
+Reported: real tokens/s for each (median over the timed steps), `ratio` = ours / padded,
+`ratio_concat` = ours / concat.
 """
 
 from __future__ import annotations
 
 import gzip
+import statistics
 import time
 from pathlib import Path
 
@@ -109,9 +111,10 @@ def _step(model, batch) -> float:
 
 
 def _interleaved(runs: list[tuple], num_warmup: int) -> list[float]:
-    """Real tokens/s of each (model, batches) run, stepping the runs in turn so that load from other
-    processes on the machine falls on all of them alike; the first `num_warmup` steps are not timed."""
-    seconds, tokens = [0.0] * len(runs), [0] * len(runs)
+    """Real tokens/s of each (model, batches) run: the median over the timed steps of the step's real
+    tokens over its seconds. The runs take their steps in turn and the median drops outliers, so a
+    burst of load from other processes on a shared machine falls on all runs alike and skews none."""
+    rates = [[] for _ in runs]
     for model, _ in runs:
         model.train()
     for i in range(len(runs[0][1])):
@@ -119,9 +122,8 @@ def _interleaved(runs: list[tuple], num_warmup: int) -> list[float]:
             batch, num_real = batches[i]
             dt = _step(model, batch)
             if i >= num_warmup:
-                seconds[r] += dt
-                tokens[r] += num_real
-    return [n / s for n, s in zip(tokens, seconds)]
+                rates[r].append(num_real / dt)
+    return [statistics.median(x) for x in rates]
 
 
 def model_throughput(recipe: str = "recipes/demo-nb.yaml", quick: bool = False) -> dict:
