@@ -22,7 +22,7 @@ lattice pretraining, which matches words over the characters itself.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
 from multiprocessing import get_all_start_methods, get_context
@@ -85,16 +85,14 @@ def word_start_table(tok: Tokenizer) -> np.ndarray:
     return table
 
 
-def encode_sentences(tok: Tokenizer, sentences: list[str], starts_table: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encode sentences without special tokens.
-
-    Returns (ids, word_starts, lengths): flat uint32 ids and uint8 word-start flags of all
-    sentences back to back, and int64 token counts per sentence.
-    """
+def _encode(tok: Tokenizer, sentences: list[str]) -> list:
     # encode_batch_fast skips offset tracking (tokenizers >= 0.20.2); ids are the same.
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    encs = encode(sentences, add_special_tokens=False)
+    return encode(sentences, add_special_tokens=False)
+
+
+def _flatten(encs: list, starts_table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat uint32 ids, uint8 word-start flags and int64 token counts of encoded sentences."""
     lengths = np.fromiter(map(len, encs), dtype=np.int64, count=len(encs))
     total = int(lengths.sum())
     ids = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.uint32, count=total)
@@ -104,17 +102,42 @@ def encode_sentences(tok: Tokenizer, sentences: list[str], starts_table: np.ndar
     return ids, starts, lengths
 
 
+def encode_sentences(tok: Tokenizer, sentences: list[str], starts_table: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode sentences without special tokens.
+
+    Returns (ids, word_starts, lengths): flat uint32 ids and uint8 word-start flags of all
+    sentences back to back, and int64 token counts per sentence.
+    """
+    return _flatten(_encode(tok, sentences), starts_table)
+
+
 def _iter_documents(tok: Tokenizer, starts_table: np.ndarray, files: Sequence[Path], start: int, stop: int
                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per read step: (ids, starts, sentence lengths, sentences per document) for docs [start, stop)."""
-    for batch in iter_batches(files, ["sentences"], start, stop, batch_rows=DOCS_PER_STEP):
+    """Per read step: (ids, starts, sentence lengths, sentences per document) for docs [start, stop).
+
+    Reading and encoding of step i+1 run on a helper thread while this thread flattens and writes
+    step i: encode_batch releases the GIL inside Rust, so on 2 cores the Python-side work (ids
+    to numpy, writing) overlaps the encoding instead of adding to it (about 15% of the wall time).
+    """
+
+    def read_and_encode(batch) -> tuple[list, np.ndarray]:
         col = batch.column(0)
-        sentences = col.flatten().to_pylist()
-        offsets = col.offsets.to_numpy()
         # A null row has equal start and end offsets: an empty document, which the writer skips.
-        sents_per_doc = np.diff(offsets)
-        ids, starts, lengths = encode_sentences(tok, sentences, starts_table)
-        yield ids, starts, lengths, sents_per_doc
+        return _encode(tok, col.flatten().to_pylist()), np.diff(col.offsets.to_numpy())
+
+    batches = iter_batches(files, ["sentences"], start, stop, batch_rows=DOCS_PER_STEP)
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for batch in batches:
+            nxt = pool.submit(read_and_encode, batch)
+            if pending is not None:
+                encs, sents_per_doc = pending.result()
+                yield (*_flatten(encs, starts_table), sents_per_doc)
+            pending = nxt
+        if pending is not None:
+            encs, sents_per_doc = pending.result()
+            yield (*_flatten(encs, starts_table), sents_per_doc)
 
 
 def _write_shards(tokenizer_json: str, files: list[Path], shard_ids: list[int], docs_per_shard: int,
