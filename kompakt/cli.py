@@ -15,6 +15,7 @@ status 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -100,7 +101,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from kompakt import bench
 
-        result = bench.run(args.what, recipe=args.recipe, quick=args.quick)
+        # Libraries print to stdout (the HF Trainer prints its metrics dict); keep stdout for the one
+        # JSON object and send everything else to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = bench.run(args.what, recipe=args.recipe, quick=args.quick)
         if args.json:
             print(json.dumps(result, sort_keys=True))
         return 0
