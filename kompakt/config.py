@@ -74,6 +74,12 @@ class DataConfig(StrictModel):
     num_shards: int = Field(1, ge=1)
     seed: int = 0
 
+    @field_validator("languages", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        # YAML 1.1 reads an unquoted `no` (Norwegian) as false; turn it back so the error can say nb/nn.
+        return ["no" if x is False else x for x in v] if isinstance(v, list) else v
+
     @field_validator("languages")
     @classmethod
     def _lower(cls, v: list[str]) -> list[str]:

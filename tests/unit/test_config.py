@@ -50,3 +50,9 @@ def test_overrides_do_not_mutate_input():
 def test_vocab_rounded_to_64():
     r = load_recipe(REPO / "recipes/demo-nb.yaml", ["tokenizer.vocab_size=8001"])
     assert r.tokenizer.vocab_size_rounded == 8064
+
+
+def test_yaml_no_gets_the_norwegian_hint():
+    # `[no]` is YAML for [false]; the user meant Norwegian and should hear about nb and nn.
+    with pytest.raises(ConfigError, match="nb for Bokmål and nn for Nynorsk"):
+        load_recipe(REPO / "recipes/demo-nb.yaml", ["data.languages=[no]"])
