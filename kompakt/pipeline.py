@@ -13,7 +13,7 @@ from pathlib import Path
 from kompakt.config import Recipe, section_dict
 from kompakt.errors import ConfigError
 from kompakt.log import info
-from kompakt.runs import file_fingerprint, is_complete, open_stage, read_manifest, stage_dir
+from kompakt.runs import file_fingerprint, is_complete, open_stage, stage_dir
 
 # Config keys that change how fast a stage runs, not what it writes; kept out of the hash.
 _RUNTIME_KEYS = {"num_proc", "shard_index"}
@@ -27,6 +27,35 @@ def _run_dir(recipe: Recipe) -> Path:
     return recipe.path(recipe.run_dir)
 
 
+def _hash_of(stage_dir_: Path) -> str:
+    """The hash part of a `<stage>-<hash>` directory name (the same as its manifest's `hash`)."""
+    return stage_dir_.name.rsplit("-", 1)[1]
+
+
+def _parts(recipe: Recipe) -> list[tuple[list[Path], dict, Path]]:
+    """Per data_prep part: its input files (`files[i::num_shards]`), its input hashes and its directory."""
+    files = recipe.resolve_inputs()
+    n = recipe.data.num_shards
+    out = []
+    for i in range(n):
+        part_files = files[i::n]
+        inputs = {"part": f"{i}/{n}", **{str(f): file_fingerprint(f) for f in part_files}}
+        out.append((part_files, inputs, stage_dir(_run_dir(recipe), "prepare_part", _hashed(recipe.data), inputs)))
+    return out
+
+
+def prepare_dir(recipe: Recipe) -> tuple[Path, dict]:
+    """The merged data_prep directory of a recipe and its inputs, without running anything."""
+    inputs = {d.name: _hash_of(d) for _, _, d in _parts(recipe)}
+    return stage_dir(_run_dir(recipe), "prepare", _hashed(recipe.data), inputs), inputs
+
+
+def tokenizer_dir(recipe: Recipe, corpus_dir: Path) -> tuple[Path, dict]:
+    """The tokenizer stage directory for a data_prep directory, and its inputs, without running anything."""
+    inputs = {"corpus": _hash_of(corpus_dir)}
+    return stage_dir(_run_dir(recipe), "tokenizer", _hashed(recipe.tokenizer), inputs), inputs
+
+
 def prepare(recipe: Recipe, force: bool = False) -> Path | None:
     """data_prep: raw files -> `prepare-<hash>/corpus/*.parquet` and `stats.json`.
 
@@ -38,33 +67,24 @@ def prepare(recipe: Recipe, force: bool = False) -> Path | None:
     from kompakt.data_prep import stage as data_stage
 
     cfg = recipe.data
-    files = recipe.resolve_inputs()
-    fingerprints = {str(f): file_fingerprint(f) for f in files}
-    n = cfg.num_shards
-    part_dirs = []
-    for i in range(n):
+    parts = _parts(recipe)
+    for i, (part_files, inputs, d) in enumerate(parts):
         if cfg.shard_index is not None and i != cfg.shard_index:
             continue
-        part_files = files[i::n]
-        inputs = {"part": f"{i}/{n}", **{str(f): fingerprints[str(f)] for f in part_files}}
-        part_cfg = _hashed(cfg)
-        d = stage_dir(_run_dir(recipe), "prepare_part", part_cfg, inputs)
         if force or not is_complete(d):
-            info(f"prepare: part {i + 1}/{n}, {len(part_files)} file(s) -> {d}")
-            with open_stage(_run_dir(recipe), "prepare_part", part_cfg, inputs) as run:
+            info(f"prepare: part {i + 1}/{len(parts)}, {len(part_files)} file(s) -> {d}")
+            with open_stage(_run_dir(recipe), "prepare_part", _hashed(cfg), inputs) as run:
                 data_stage.run_part(cfg, part_files, run)
         else:
-            info(f"prepare: part {i + 1}/{n} complete, skipped ({d})")
-        part_dirs.append(d)
+            info(f"prepare: part {i + 1}/{len(parts)} complete, skipped ({d})")
     if cfg.shard_index is not None:
         return None
-    inputs = {d.name: read_manifest(d)["hash"] for d in part_dirs}
-    d = stage_dir(_run_dir(recipe), "prepare", _hashed(cfg), inputs)
+    d, inputs = prepare_dir(recipe)
     if not force and is_complete(d):
         info(f"prepare: complete, skipped ({d})")
         return d
     with open_stage(_run_dir(recipe), "prepare", _hashed(cfg), inputs) as run:
-        data_stage.merge(cfg, part_dirs, run)
+        data_stage.merge(cfg, [part_dir for _, _, part_dir in parts], run)
     info(f"prepare: wrote {d}")
     return d
 
@@ -78,13 +98,11 @@ def tokenizer(recipe: Recipe, force: bool = False) -> Path:
     corpus = prepare(recipe)
     if corpus is None:
         raise ConfigError("data.shard_index is set; the tokenizer needs the merged corpus, so drop shard_index")
-    inputs = {"corpus": read_manifest(corpus)["hash"]}
-    cfg = _hashed(recipe.tokenizer)
-    d = stage_dir(_run_dir(recipe), "tokenizer", cfg, inputs)
+    d, inputs = tokenizer_dir(recipe, corpus)
     if not force and is_complete(d):
         info(f"tokenizer: complete, skipped ({d})")
         return d
-    with open_stage(_run_dir(recipe), "tokenizer", cfg, inputs) as run:
+    with open_stage(_run_dir(recipe), "tokenizer", _hashed(recipe.tokenizer), inputs) as run:
         tok_stage.run(recipe.tokenizer, corpus, run)
     info(f"tokenizer: wrote {d}")
     return d
@@ -96,12 +114,12 @@ _PRETRAIN_RUNTIME_KEYS = {"resume", "time_limit_minutes", "save_every", "keep_la
                           "eval_batches", "max_nonfinite_in_a_row"}
 
 
-def pretrain_dir(recipe: Recipe, tokenizer_dir: Path) -> tuple[Path, dict, dict]:
+def pretrain_dir(recipe: Recipe, tok_dir: Path) -> tuple[Path, dict, dict]:
     """The pretrain stage directory with its hashed config and inputs."""
     cfg = {k: v for k, v in section_dict(recipe.pretrain).items() if k not in _PRETRAIN_RUNTIME_KEYS}
     cfg["data"] = {k: v for k, v in cfg["data"].items() if k != "prefetch"}
     config = {"model": section_dict(recipe.model), "pretrain": cfg}
-    inputs = {"tokenizer": read_manifest(tokenizer_dir)["hash"]}
+    inputs = {"tokenizer": _hash_of(tok_dir)}
     return stage_dir(_run_dir(recipe), "pretrain", config, inputs), config, inputs
 
 
@@ -119,9 +137,7 @@ def pretrain(recipe: Recipe, force: bool = False) -> Path:
         raise ConfigError("recipe has no model or pretrain section; add both (see recipes/demo-nb.yaml)")
     world = dist.detect().world_size
     if world > 1:
-        corpus = read_manifest(prepare_dir(recipe)) or {}
-        tok_dir = stage_dir(_run_dir(recipe), "tokenizer", _hashed(recipe.tokenizer),
-                            {"corpus": corpus.get("hash")}) if recipe.tokenizer and corpus else None
+        tok_dir = tokenizer_dir(recipe, prepare_dir(recipe)[0])[0] if recipe.tokenizer else None
         if tok_dir is None or not is_complete(tok_dir):
             raise ConfigError("the tokenizer stage is not complete; run `kompakt tokenizer RECIPE` in one process "
                               "before launching pretraining on several")
@@ -134,18 +150,6 @@ def pretrain(recipe: Recipe, force: bool = False) -> Path:
     info(f"pretrain: {d}")
     return pretrain_stage.run(recipe.model, recipe.pretrain, tok_dir, d, stage_hash=d.name.rsplit("-", 1)[1],
                               inputs=inputs, recipe_name=recipe.name)
-
-
-def prepare_dir(recipe: Recipe) -> Path:
-    """The merged data_prep directory of a recipe, without running anything (all parts must be complete)."""
-    files = recipe.resolve_inputs()
-    n = recipe.data.num_shards
-    parts = []
-    for i in range(n):
-        inputs = {"part": f"{i}/{n}", **{str(f): file_fingerprint(f) for f in files[i::n]}}
-        parts.append(stage_dir(_run_dir(recipe), "prepare_part", _hashed(recipe.data), inputs))
-    inputs = {p.name: (read_manifest(p) or {}).get("hash") for p in parts}
-    return stage_dir(_run_dir(recipe), "prepare", _hashed(recipe.data), inputs)
 
 
 # The order `kompakt run` follows; a stage runs when its recipe section is present.
