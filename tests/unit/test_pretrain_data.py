@@ -1,6 +1,8 @@
 """The packed loader: examples, rank split, token budget, resume (also on another world size)."""
 
 import itertools
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 from _pretrain_shards import demo_tokenizer_and_shards
 from kompakt.errors import ConfigError, DataError
 from kompakt.objective_config import DataLoaderConfig, ObjectiveConfig
+import kompakt.pretrain.data as data_module
 from kompakt.pretrain.data import PackedLoader, build_examples, cut_micro_batches, expected_epochs, steps_info
 from kompakt.pretrain.masking import SpecialIds
 
@@ -172,3 +175,47 @@ def test_steps_info(demo):
     assert info.steps_per_epoch == pytest.approx(info.micro_batches_per_epoch / 8)
     assert expected_epochs(info, 100) == pytest.approx(100 / info.steps_per_epoch)
     assert loader(demo, 0, 2).steps_info() == info
+
+
+def test_workers_yield_the_same_batches_across_epochs(demo):
+    # ~105k tokens per epoch in 6000-token micro-batches: ~18 per epoch, so 40 cross two epoch ends.
+    def run(num_workers):
+        with loader(demo, tokens_per_micro_batch=6000, num_workers=num_workers) as lo:
+            it = iter(lo)
+            return [(next(it), lo.state_dict()) for _ in range(40)]
+
+    expected = run(0)
+    assert expected[-1][1]["epoch"] == 2
+    for num_workers in (1, 2):
+        got = run(num_workers)
+        assert [state for _, state in got] == [state for _, state in expected]
+        assert all(same_batch(a, b) for (a, _), (b, _) in zip(expected, got))
+    assert not multiprocessing.active_children()  # leaving the with block stopped the workers
+
+
+def test_resume_with_workers_yields_the_same_batches(demo):
+    straight = list(itertools.islice(loader(demo), 12))
+    with loader(demo, num_workers=2) as first:
+        it = iter(first)
+        for _ in range(7):
+            next(it)
+        state = first.state_dict()
+    with loader(demo, num_workers=2) as resumed:
+        resumed.load_state_dict(state)
+        got = list(itertools.islice(resumed, 5))
+    assert all(same_batch(a, b) for a, b in zip(straight[7:], got))
+
+
+def test_a_worker_error_is_raised_in_the_trainer(demo, monkeypatch):
+    parent = os.getpid()
+
+    def broken(*args):
+        raise ValueError(f"masking failed in process {os.getpid()}")
+
+    # Workers are forked after the patch, so they build with it.
+    monkeypatch.setattr(data_module, "collate_examples", broken)
+    with loader(demo, num_workers=2) as lo:
+        with pytest.raises(ValueError, match="masking failed in process") as err:
+            next(iter(lo))
+    assert str(err.value) != f"masking failed in process {parent}"
+    assert not multiprocessing.active_children()
