@@ -117,7 +117,8 @@ _PRETRAIN_RUNTIME_KEYS = {"resume", "time_limit_minutes", "save_every", "keep_la
 def pretrain_dir(recipe: Recipe, tok_dir: Path) -> tuple[Path, dict, dict]:
     """The pretrain stage directory with its hashed config and inputs."""
     cfg = {k: v for k, v in section_dict(recipe.pretrain).items() if k not in _PRETRAIN_RUNTIME_KEYS}
-    cfg["data"] = {k: v for k, v in cfg["data"].items() if k != "prefetch"}
+    # Prefetch depth and loader workers change speed only: the batches are identical (tested).
+    cfg["data"] = {k: v for k, v in cfg["data"].items() if k not in ("prefetch", "num_workers")}
     config = {"model": section_dict(recipe.model), "pretrain": cfg}
     inputs = {"tokenizer": _hash_of(tok_dir)}
     return stage_dir(_run_dir(recipe), "pretrain", config, inputs), config, inputs

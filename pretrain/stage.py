@@ -190,8 +190,9 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
     train_examples, heldout_examples = split_heldout(examples)
     loader = PackedLoader(shards, cfg.objective, cfg.data, specials, env.rank, env.world_size, train_examples)
     steps = loader.steps_info()
-    heldout = PackedLoader(shards, cfg.objective, cfg.data.model_copy(update={"prefetch": 0}), specials,
-                           env.rank, env.world_size, heldout_examples)
+    # The held-out batches are built once, up front: no prefetch thread, no worker pool left idle.
+    heldout_data = cfg.data.model_copy(update={"prefetch": 0, "num_workers": 0})
+    heldout = PackedLoader(shards, cfg.objective, heldout_data, specials, env.rank, env.world_size, heldout_examples)
     heldout_iter = iter(heldout)
     eval_batches = [next(heldout_iter) for _ in range(cfg.eval_batches)]
 
