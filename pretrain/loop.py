@@ -7,9 +7,8 @@ counted; `max_nonfinite_in_a_row` of them stop the run with an error. A stop req
 checkpoint at that step boundary and exits with `REQUEUE_EXIT` so a Slurm requeue continues with
 `resume: auto`.
 
-Metrics rows (`metrics.jsonl`, TensorBoard) are written by rank 0 every `log_every` steps. Rows of
-steps after the last checkpoint appear again after a kill and resume; readers take the last row per
-step.
+Metrics rows (`metrics.jsonl`, TensorBoard) are written by rank 0 every `log_every` steps. On
+resume, rows of steps after the checkpoint are dropped (they run again), so each step appears once.
 """
 
 from __future__ import annotations
@@ -92,6 +91,22 @@ def evaluate(engine, batches: list[dict], device) -> float:
     return total / max(count, 1.0)
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows logged after `step`, the checkpoint a run resumes from: those steps run again.
+
+    Like TensorBoard's `purge_step`, so `metrics.jsonl` holds each step once after a kill and resume.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    # A kill mid-write can leave a last line without its newline: it is dropped with the others.
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def train(engine, engine_info: EngineInfo, cfg: PretrainConfig, loader, *, out_dir: Path, ckpt_root: Path,
           start: dict | None = None, train_state_extra: dict | None = None, eval_batches: list[dict] | None = None,
           flops_per_token: float | None = None, peak_flops: float | None = None,
@@ -115,6 +130,7 @@ def train(engine, engine_info: EngineInfo, cfg: PretrainConfig, loader, *, out_d
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tb"), purge_step=step if step else None)
+        _trim_metrics(out_dir / "metrics.jsonl", step)
         metrics_file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
         progress = Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False)

@@ -42,9 +42,11 @@ def run(out: Path, *args: str, world: int = 1, env: dict | None = None, expect: 
 
 
 def losses(out: Path) -> dict[int, float]:
-    """Loss per step; after a resume a step's last row wins."""
+    """Loss per step; a resume drops the rows after its checkpoint, so every step is logged once."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
