@@ -25,7 +25,7 @@ from kompakt.errors import ConfigError, DataError
 from kompakt.log import info, table, warn
 from kompakt.model_config import ModelConfig, check_vocab
 from kompakt.pretrain_config import PretrainConfig
-from kompakt.runs import RESOLVED_CONFIG, package_versions, write_json_atomic
+from kompakt.runs import RESOLVED_CONFIG, package_versions, read_manifest, write_json_atomic
 
 # Every HELDOUT_EVERY-th example (by example id) is held out for the evaluation loss: 1%.
 HELDOUT_EVERY = 100
@@ -78,6 +78,10 @@ def split_heldout(examples):
 def model_card(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_dir: Path, state: dict) -> str:
     """README.md of the exported folder: what was trained on what, for how long, with which result."""
     losses = state.get("final_losses") or {}
+    # The card is published: name the stage by its hash, not by this machine's path.
+    tok_stage = Path(state.get("tokenizer_stage", tokenizer_dir.parent))
+    counts = (read_manifest(tok_stage) or {}).get("counts", {})
+    data = f"{counts.get('num_docs', 0):,} documents, {counts.get('num_tokens', 0):,} tokens (stage `{tok_stage.name}`)"
     loss_lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(losses.items())) or "| - | - |"
     return f"""---
 library_name: transformers
@@ -89,7 +93,7 @@ A compact {model_cfg.family} encoder pretrained with kompakt.
 
 | | |
 |---|---|
-| data | token shards of `{state.get('tokenizer_stage', tokenizer_dir.parent)}` |
+| data | {data} |
 | tokenizer | `{tokenizer_dir.name}` ({state.get('vocab_size')} tokens) |
 | objective | {cfg.objective.masking} masking, rate {cfg.objective.mask_rate}{', SOP' if cfg.objective.sop else ''}, sequences of {cfg.objective.max_seq_len} tokens |
 | size | {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, {model_cfg.num_heads} heads, {state.get('num_params', 0):,} parameters |

@@ -87,6 +87,9 @@ def test_heldout_mlm_loss_falls_and_export_loads(tokenizer_stage, tmp_path):
     export = out / "export"
     card = (export / "README.md").read_text()
     assert "120" in card and "tokens seen" in card and "whole_word" in card
+    # A published card names the data by counts and stage hash, never by this machine's paths.
+    assert f"{manifest['counts']['tokens_seen']:,}" in card and "documents" in card
+    assert str(tmp_path) not in card and str(tokenizer_stage) not in card
     hf_model = AutoModelForMaskedLM.from_pretrained(export).eval()
     hf_tok = AutoTokenizer.from_pretrained(export)
     enc = hf_tok("Han kjørte bilen til byen i går.", return_tensors="pt")
