@@ -123,6 +123,18 @@ class Lexicon:
         return found
 
 
+class LatticeTokens:
+    """`id_to_token` over characters and words, for `masking.describe_sample`: id `vocab_size + k`
+    reads as word k of the lexicon, any other id as the tokenizer's token."""
+
+    def __init__(self, tokenizer, words: Sequence[str], vocab_size: int):
+        self.tokenizer, self.words, self.vocab_size = tokenizer, list(words), vocab_size
+
+    def id_to_token(self, i: int) -> str | None:
+        k = int(i) - self.vocab_size
+        return self.words[k] if 0 <= k < len(self.words) else self.tokenizer.id_to_token(int(i))
+
+
 @dataclass(frozen=True)
 class LatticeExample:
     """One lattice sequence; all arrays have the same length L (characters, specials, then words)."""

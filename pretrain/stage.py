@@ -188,6 +188,16 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
             raise DataError(f"{lexicon} does not exist; a lattice model needs a tokenizer trained with tokenizer.lexicon")
         num_words = sum(1 for line in lexicon.read_text(encoding="utf-8").splitlines() if line.strip())
         model_cfg = model_cfg.model_copy(update={"lattice": model_cfg.lattice.model_copy(update={"num_words": num_words})})
+    if model_cfg.family == "lattice":
+        from kompakt.pretrain.lattice import LatticeTokens, install_run_lexicon, read_lexicon
+
+        # collate_msp matches words with this lexicon; installed before the loaders so that
+        # their fork-started workers inherit it.
+        install_run_lexicon(tokenizer_dir, model_cfg)
+        # The logged sample names word ids by their text instead of None.
+        sample_tok = LatticeTokens(tok, read_lexicon(tokenizer_dir / "lexicon.txt"), model_cfg.vocab_size)
+    else:
+        sample_tok = tok
     shards = TokenShards(tokenizer_stage / "tokens")
     examples = build_examples(shards, cfg.objective.max_seq_len - cfg.objective.num_specials,
                               2 if cfg.objective.sop else 1)
@@ -235,7 +245,7 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
              "recipe": recipe_name, "vocab_size": specials.vocab_size, "num_params": num_params}
     result = train(engine, engine_info, cfg, loader, out_dir=stage_dir, ckpt_root=ckpt_root, start=start,
                    train_state_extra=extra, eval_batches=eval_batches, flops_per_token=fpt,
-                   peak_flops=peak_flops(engine_info.device), describe=lambda b: describe_sample(b, tok))
+                   peak_flops=peak_flops(engine_info.device), describe=lambda b: describe_sample(b, sample_tok))
     if result.stopped != "done":
         info(f"pretrain: stopped by {result.stopped} at step {result.step:,}; saved {result.checkpoint}; "
              f"exit {REQUEUE_EXIT} so the job can be requeued (resume: auto continues)")
