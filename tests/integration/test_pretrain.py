@@ -53,7 +53,7 @@ def tiny_pretrain(**overrides) -> PretrainConfig:
     raw = {"max_steps": 120, "seed": 0, "save_every": 60, "keep_last": 2, "log_every": 20, "eval_every": 60,
            "eval_batches": 4,
            "objective": {"masking": "whole_word", "max_seq_len": 64},
-           "data": {"tokens_per_micro_batch": 1024, "global_batch_tokens": 1024, "prefetch": 1},
+           "data": {"tokens_per_micro_batch": 1024, "global_batch_tokens": 4096, "prefetch": 1},
            "optim": {"name": "adamw", "lr": 5e-3, "weight_decay": 0.01},
            "schedule": {"kind": "wsd", "warmup_steps": 10, "decay_fraction": 0.3}}
     raw.update(overrides)
@@ -73,8 +73,9 @@ def test_heldout_mlm_loss_falls_and_export_loads(tokenizer_stage, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     start = next(r["eval_loss"] for r in rows if r["step"] == 0)
     end = manifest["eval_loss"]
-    # Random init predicts about uniformly over 1,024 ids (ln 1024 = 6.9); 120 steps of 1k tokens
-    # learn the frequent words and should take off well over a nat.
+    # Random init predicts about uniformly over 1,024 ids (ln 1024 = 6.9); 120 steps of 4k tokens
+    # learn the frequent words and should take off well over a nat (1.65-1.72 measured; the WordPiece
+    # vocabulary itself varies a little between trainings, so the margin matters).
     assert start > 6.0
     assert end < start - 1.5, f"held-out loss {start:.3f} -> {end:.3f}"
     assert rows[-1]["tokens_per_s"] > 0 and rows[-1]["tokens_seen"] == manifest["counts"]["tokens_seen"]
