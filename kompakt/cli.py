@@ -119,22 +119,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "pretrain":
-        from kompakt.pretrain import stage as pretrain_stage
-
         if args.dry_run:
-            from kompakt.dist import detect
-            from kompakt.errors import ConfigError
-
-            if recipe.model is None or recipe.pretrain is None:
-                raise ConfigError("recipe has no model or pretrain section; add both (see recipes/demo-nb.yaml)")
-            vocab = recipe.model.vocab_size or (recipe.tokenizer.vocab_size_rounded if recipe.tokenizer else None)
-            if vocab is None:
-                raise ConfigError("set model.vocab_size or a tokenizer section so --dry-run knows the vocabulary")
-            world = args.world_size or detect().world_size
-            num_words = recipe.tokenizer.lexicon_size if recipe.tokenizer and recipe.tokenizer.lexicon else 0
-            pretrain_stage.print_dry_run(pretrain_stage.dry_run(recipe.model, recipe.pretrain, vocab, world, num_words))
-            return 0
-        pipeline.pretrain(recipe, force=args.force)
+            pipeline.pretrain_dry_run(recipe, world_size=args.world_size)
+        else:
+            pipeline.pretrain(recipe, force=args.force)
         return 0
     if args.command == "validate":
         print(json.dumps(recipe.model_dump(mode="json"), indent=2, ensure_ascii=False))

@@ -124,6 +124,31 @@ def pretrain_dir(recipe: Recipe, tok_dir: Path) -> tuple[Path, dict, dict]:
     return stage_dir(_run_dir(recipe), "pretrain", config, inputs), config, inputs
 
 
+def _require_pretrain(recipe: Recipe) -> None:
+    if recipe.model is None or recipe.pretrain is None:
+        raise ConfigError("recipe has no model or pretrain section; add both (see recipes/demo-nb.yaml)")
+
+
+def pretrain_dry_run(recipe: Recipe, world_size: int | None = None) -> dict:
+    """`kompakt pretrain --dry-run`: print parameters, tokens per step, accumulation and FLOPs per token.
+
+    Needs no corpus: the vocabulary comes from model.vocab_size or the tokenizer section, a lattice
+    model's word table from tokenizer.lexicon_size; `world_size` defaults to the launcher's.
+    """
+    from kompakt import dist
+    from kompakt.pretrain import stage as pretrain_stage
+
+    _require_pretrain(recipe)
+    vocab = recipe.model.vocab_size or (recipe.tokenizer.vocab_size_rounded if recipe.tokenizer else None)
+    if vocab is None:
+        raise ConfigError("set model.vocab_size or a tokenizer section so --dry-run knows the vocabulary")
+    num_words = recipe.tokenizer.lexicon_size if recipe.tokenizer and recipe.tokenizer.lexicon else 0
+    figures = pretrain_stage.dry_run(recipe.model, recipe.pretrain, vocab, world_size or dist.detect().world_size,
+                                     num_words)
+    pretrain_stage.print_dry_run(figures)
+    return figures
+
+
 def pretrain(recipe: Recipe, force: bool = False) -> Path:
     """pretrain: token shards -> `pretrain-<hash>/` with checkpoints/, metrics.jsonl, tb/ and export/.
 
@@ -134,8 +159,7 @@ def pretrain(recipe: Recipe, force: bool = False) -> Path:
     from kompakt import dist
     from kompakt.pretrain import stage as pretrain_stage
 
-    if recipe.model is None or recipe.pretrain is None:
-        raise ConfigError("recipe has no model or pretrain section; add both (see recipes/demo-nb.yaml)")
+    _require_pretrain(recipe)
     world = dist.detect().world_size
     if world > 1:
         tok_dir = tokenizer_dir(recipe, prepare_dir(recipe)[0])[0] if recipe.tokenizer else None

@@ -182,20 +182,22 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
     tok = load_tokenizer(tokenizer_dir)
     specials = SpecialIds.from_tokenizer(tok)
     model_cfg = check_vocab(model_cfg, specials.vocab_size, str(tokenizer_dir))
-    if model_cfg.family == "lattice" and model_cfg.lattice.num_words == 0:
-        lexicon = tokenizer_dir / "lexicon.txt"
-        if not lexicon.is_file():
-            raise DataError(f"{lexicon} does not exist; a lattice model needs a tokenizer trained with tokenizer.lexicon")
-        num_words = sum(1 for line in lexicon.read_text(encoding="utf-8").splitlines() if line.strip())
-        model_cfg = model_cfg.model_copy(update={"lattice": model_cfg.lattice.model_copy(update={"num_words": num_words})})
     if model_cfg.family == "lattice":
         from kompakt.pretrain.lattice import LatticeTokens, install_run_lexicon, read_lexicon
 
+        lexicon = tokenizer_dir / "lexicon.txt"
+        if not lexicon.is_file():
+            raise DataError(f"{lexicon} does not exist; a lattice model needs a tokenizer trained with tokenizer.lexicon")
+        # Word k of the lexicon has id vocab_size + k, so its length is the word table the recipe left open.
+        words = read_lexicon(lexicon)
+        if model_cfg.lattice.num_words == 0:
+            lattice = model_cfg.lattice.model_copy(update={"num_words": len(words)})
+            model_cfg = model_cfg.model_copy(update={"lattice": lattice})
         # collate_msp matches words with this lexicon; installed before the loaders so that
         # their fork-started workers inherit it.
         install_run_lexicon(tokenizer_dir, model_cfg)
         # The logged sample names word ids by their text instead of None.
-        sample_tok = LatticeTokens(tok, read_lexicon(tokenizer_dir / "lexicon.txt"), model_cfg.vocab_size)
+        sample_tok = LatticeTokens(tok, words, model_cfg.vocab_size)
     else:
         sample_tok = tok
     shards = TokenShards(tokenizer_stage / "tokens")
