@@ -91,8 +91,8 @@ def pretokenize_throughput(recipe: str, quick: bool = False) -> dict:
         files, source = _corpus(rec, work, quick)
         info(f"bench data: corpus from {source}")
         train_cfg = cfg.model_copy(update={"max_train_docs": QUICK_TRAIN_DOCS}) if quick else cfg
-        tok = train_tokenizer(train_cfg, iter_texts(files, cfg.heldout_fraction, heldout=False,
-                                                    max_docs=train_cfg.max_train_docs))
+        tok = train_tokenizer(train_cfg, lambda: iter_texts(files, cfg.heldout_fraction, heldout=False,
+                                                            max_docs=train_cfg.max_train_docs))
         texts = [t for batch in iter_texts(files, 0.0, heldout=False) for t in batch]
         num_bytes = sum(len(t.encode("utf-8")) for t in texts)
         num_repeats = NUM_REPEATS_QUICK if quick else NUM_REPEATS

@@ -37,7 +37,8 @@ def run(cfg: TokenizerConfig, corpus_dir: Path, run: StageRun) -> None:
          f"less a {cfg.heldout_fraction:.0%} held-out share")
 
     with run.timed("train_s"):
-        tok = train_tokenizer(cfg, iter_texts(files, cfg.heldout_fraction, heldout=False, max_docs=cfg.max_train_docs))
+        tok = train_tokenizer(cfg, lambda: iter_texts(files, cfg.heldout_fraction, heldout=False,
+                                                      max_docs=cfg.max_train_docs))
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     save_hf(tok, cfg, run.work_dir / "tokenizer")
 

@@ -12,19 +12,26 @@ Three kinds, each a complete pipeline of normalizer, pre-tokenizer, model and de
 
 All kinds put the family's special tokens first ([PAD]=0), add [CLS] ... [SEP] (and pairs) in the
 post-processor, and are padded with `[unusedN]` tokens to exactly `vocab_size_rounded` ids.
+
+Training is deterministic: the same texts and config give the same tokenizer.json bytes in every
+process, whatever PYTHONHASHSEED, thread count or num_proc (tests/integration/test_tokenizer_determinism.py).
+The trainers iterate Rust hash maps with a per-process random seed; WordPiece is fixed by seeding
+its alphabet in a sorted order (`_train_wordpiece`), Unigram by re-estimating its scores in a fixed
+order (tokenization/unigram.py).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from kompakt.config import TokenizerConfig
 from kompakt.log import warn
 from kompakt.runs import write_json_atomic
+from kompakt.tokenization.unigram import canonical_unigram
 
 # Longest word (in characters) WordPiece splits; longer ones become one [UNK], as in BERT.
 MAX_WORD_CHARS = 100
@@ -114,10 +121,64 @@ def _finish(tok: Tokenizer, cfg: TokenizerConfig) -> Tokenizer:
     return tok
 
 
-def train_tokenizer(cfg: TokenizerConfig, batches: Iterable[list[str]]) -> Tokenizer:
-    """Train on an iterator of text batches (streamed; the corpus is never held in memory)."""
-    tok, trainer = build_tokenizer(cfg)
-    tok.train_from_iterator(batches, trainer=trainer)
+TextSource = Callable[[], Iterable[list[str]]]
+
+
+def _source(texts: TextSource | Sequence[list[str]]) -> TextSource:
+    """A function that gives the training batches afresh: training reads them more than once."""
+    if callable(texts):
+        return texts
+    if iter(texts) is texts:
+        raise TypeError("train_tokenizer reads the texts twice: pass a list of batches or a function "
+                        "returning a fresh iterator, not an iterator")
+    return lambda: texts
+
+
+def _train_wordpiece(cfg: TokenizerConfig, texts: TextSource) -> Tokenizer:
+    """WordPiece training with every tie broken the same way in every process.
+
+    The trainer (BPE merges underneath) picks the most frequent pair and breaks ties by the pair's
+    token ids. Characters get ids in code-point order, but the `##c` continuation characters get
+    theirs in the order of a hash map of words whose seed is random per process, so tied merges
+    came out in a different order and two trainings of the demo corpus differed in 18 tokens and
+    631 ids. A first pass with no merges (vocab_size 1, which costs one counting pass and no
+    merge loop) finds the alphabet; the second pass is given it, sorted (characters, then `##`
+    characters), as its first tokens, so every id and every tie is fixed before training starts.
+    """
+    specials = list(special_tokens(cfg.family).values())
+    probe, _ = build_tokenizer(cfg)
+    probe.train_from_iterator(texts(), trainer=trainers.WordPieceTrainer(
+        vocab_size=1, special_tokens=specials, continuing_subword_prefix="##", show_progress=False))
+    alphabet = sorted((t for t in probe.get_vocab(with_added_tokens=False) if t not in specials),
+                      key=lambda t: (t.startswith("##") and len(t) > 2, t))
+    tok, _ = build_tokenizer(cfg)
+    trainer = trainers.WordPieceTrainer(vocab_size=cfg.vocab_size_rounded, min_frequency=cfg.min_frequency,
+                                        special_tokens=specials + alphabet, continuing_subword_prefix="##",
+                                        show_progress=False)
+    tok.train_from_iterator(texts(), trainer=trainer)
+    # The seeded alphabet went in as special tokens only to fix its ids: keep it as ordinary
+    # vocabulary, or "##a" typed in a text would be matched as an added token.
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = [a for a in data["added_tokens"] if a["content"] in specials]
+    return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
+
+
+def train_tokenizer(cfg: TokenizerConfig, texts: TextSource | Sequence[list[str]]) -> Tokenizer:
+    """Train on text batches: a list of batches, or a function returning a fresh iterator of them
+    (streamed, so the corpus is never held in memory; it is read two or three times).
+
+    The result is the same bytes in every process and on any number of threads (see
+    `_train_wordpiece` and tokenization/unigram.py; byte-level BPE needs no help: its initial
+    alphabet is the 256 byte characters in code-point order and it has no continuation tokens).
+    """
+    texts = _source(texts)
+    if cfg.kind == "wordpiece":
+        tok = _train_wordpiece(cfg, texts)
+    else:
+        tok, trainer = build_tokenizer(cfg)
+        tok.train_from_iterator(texts(), trainer=trainer)
+        if cfg.kind == "unigram":
+            tok = canonical_unigram(tok, len(special_tokens(cfg.family)), texts, MAX_PIECE_CHARS)
     for i, name in enumerate(special_tokens(cfg.family).values()):
         assert tok.token_to_id(name) == i, f"special token {name} is not id {i}"
     return _finish(tok, cfg)

@@ -18,7 +18,7 @@ def small(demo_docs, tmp_path_factory):
     """A 900-document corpus in 3 files and a small WordPiece tokenizer trained on it."""
     corpus = write_corpus(demo_docs[:900], tmp_path_factory.mktemp("corpus"), docs_per_file=300)
     files = corpus_files(corpus)
-    tok = train_tokenizer(TokenizerConfig(vocab_size=1000), iter_texts(files, 0.0, heldout=False))
+    tok = train_tokenizer(TokenizerConfig(vocab_size=1000), lambda: iter_texts(files, 0.0, heldout=False))
     return files, tok
 
 
