@@ -28,9 +28,10 @@ from typing import Callable, Iterable
 import numpy as np
 from tokenizers import Tokenizer
 
-# EM steps on the final vocabulary; the trainer itself runs 2 per pruning round. From a start
-# rounded to 0.1 nats, 4 steps bring the scores within about 1e-3 nats of the fixed point on the
-# demo corpus, and the segmentation of held-out text agrees with the trainer's on over 99.5% of words.
+# EM steps on the final vocabulary; the trainer itself runs 2 per pruning round. On the demo corpus
+# (1,500 documents, 2,048 pieces), from a start rounded to 0.1 nats, 4 steps leave the median score
+# 1e-5 nats (the largest 0.03) from where 32 steps end; held-out words are segmented as with the
+# trainer's own scores 99.2% of the time, into 0.1% more tokens.
 NUM_EM_STEPS = 4
 # Rounding of the start (nats): much coarser than the trainer's noise, see the module docstring.
 START_GRID = 0.1
