@@ -14,9 +14,9 @@ its models copy-on-write instead of loading them again.
 
 from __future__ import annotations
 
-from lingua import IsoCode639_1, Language, LanguageDetector, LanguageDetectorBuilder
+from lingua import Language, LanguageDetector, LanguageDetectorBuilder
 
-from kompakt.errors import ConfigError
+from kompakt.languages import check_language
 
 # Confusers and contaminants: Scandinavian neighbours, English, German, Dutch, French, Finnish, and Chinese
 # (free for Latin-script text, which lingua rules out by script). Each Latin-script language adds about
@@ -32,14 +32,7 @@ _DETECTORS: dict[tuple, LanguageDetector] = {}
 
 def language_of(code: str) -> Language:
     """The lingua Language of an ISO 639-1 code; ConfigError naming data.languages when unknown."""
-    iso = getattr(IsoCode639_1, code.upper(), None) if code.isalpha() and len(code) == 2 else None
-    if iso is None:
-        hint = " (Norwegian is nb for Bokmål and nn for Nynorsk)" if code == "no" else ""
-        raise ConfigError(
-            f"data.languages: {code!r} is not an ISO 639-1 code lingua knows{hint}; "
-            "use codes such as nb, nn, en, zh"
-        )
-    return Language.from_iso_code_639_1(iso)
+    return Language.from_iso_code_639_1(check_language(code))
 
 
 def candidates(languages: list[str]) -> tuple[str, ...]:

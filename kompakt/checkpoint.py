@@ -8,13 +8,18 @@ Layout of `<stage>/checkpoints/`:
         rank-00000.pt ...       each rank's RNG states (python, numpy, torch, cuda) and data position
         model.safetensors       ZeRO 0 only: whole fp32 weights (export reads them)
         consolidated.pt         ZeRO 1-2 only: whole fp32 params + optimizer state, for another world size
-        train_state.json        step, tokens seen, world size, model config, tokenizer path
+        train_state.json        step, tokens seen, world size, model config, tokenizer path and digests
+        files.json              size and BLAKE2b digest of every other file, for verification on resume
         complete                written before the rename; a tag without it is never loaded
     .tmp-step-00000020/         a save in progress (or one killed mid-way): ignored, then replaced
 
 A save writes everything into `.tmp-<tag>`, waits for every rank, and rank 0 renames it to
 `<tag>` (one atomic rename) and only then rewrites `latest`. A kill before the rename leaves the
 previous checkpoint as the newest complete one; `resume: auto` picks it.
+
+A complete checkpoint can still be damaged later (a disk error, a truncating copy, a user's
+edit): resume verifies the newest one against its `files.json` (rank 0 hashes, about 1 s per GB)
+and falls back to the newest intact one with a warning; with none intact it stops with one line.
 
 Resuming on a different number of processes: a rank that did not exist before starts from fresh
 RNG states seeded by (seed, rank, step), and the data position of rank 0 is handed to the data
@@ -27,8 +32,10 @@ another world size scatters it back with `safe_set_full_*`. ZeRO-3 resumes on th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -40,11 +47,13 @@ import torch
 
 from kompakt import dist
 from kompakt.errors import KompaktError
+from kompakt.log import warn
 from kompakt.runs import write_json_atomic
 
 LATEST = "latest"
 COMPLETE = "complete"
 TRAIN_STATE = "train_state.json"
+FILES = "files.json"
 CONSOLIDATED = "consolidated.pt"
 WEIGHTS = "model.safetensors"
 # The optimizer state tensors of torch AdamW and of kompakt's Lamb, gathered for a world-size change.
@@ -128,6 +137,60 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _ds(engine):
+    """The DeepSpeed engine inside a `kompakt.engine.TrainEngine` (or the DeepSpeed engine itself)."""
+    return getattr(engine, "ds", engine)
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b-128 of a file's bytes, read in 4 MB blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_table(tag_dir: Path) -> dict[str, list]:
+    """{relative path: [size, digest]} of every file in a checkpoint directory but the markers."""
+    out = {}
+    for path in sorted(p for p in Path(tag_dir).rglob("*") if p.is_file()):
+        rel = path.relative_to(tag_dir).as_posix()
+        if rel not in (FILES, COMPLETE):
+            out[rel] = [path.stat().st_size, file_digest(path)]
+    return out
+
+
+def verify(tag_dir: Path) -> str | None:
+    """None if the checkpoint is intact, else what is wrong with it (one line).
+
+    Checks the markers, `train_state.json` and, when the save recorded `files.json`, every file's
+    size and digest. Older checkpoints without `files.json` are only checked for the markers.
+    """
+    tag_dir = Path(tag_dir)
+    if not is_complete(tag_dir):
+        return f"{tag_dir} is incomplete (no {COMPLETE} marker or {TRAIN_STATE})"
+    try:
+        json.loads((tag_dir / TRAIN_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{tag_dir / TRAIN_STATE} is not readable JSON"
+    if not (tag_dir / FILES).is_file():
+        return None
+    try:
+        recorded = json.loads((tag_dir / FILES).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{tag_dir / FILES} is not readable JSON"
+    for rel, (size, digest) in sorted(recorded.items()):
+        path = tag_dir / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} were saved (truncated?)"
+        if file_digest(path) != digest:
+            return f"{path} does not match the digest recorded at save time (corrupt)"
+    return None
+
+
 def save(engine, root: Path, step: int, train_state: dict, loader_state: Any, keep_last: int, zero_stage: int) -> Path:
     """Save a checkpoint of `step` from every rank (a collective: all ranks must call it).
 
@@ -135,10 +198,11 @@ def save(engine, root: Path, step: int, train_state: dict, loader_state: Any, ke
     the RNG states are written by each rank into its own file.
     """
     root = Path(root)
+    engine = _ds(engine)
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
     tmp = root / tmp_tag
-    rank = int(os.environ.get("RANK", "0"))
+    rank = dist.rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a save that was killed
@@ -165,6 +229,7 @@ def save(engine, root: Path, step: int, train_state: dict, loader_state: Any, ke
     final = root / tag
     if rank == 0:
         write_json_atomic(tmp / TRAIN_STATE, train_state)
+        write_json_atomic(tmp / FILES, _file_table(tmp))
         (tmp / COMPLETE).write_text(f"{step}\n")
         _fsync_file(tmp / COMPLETE)
         if final.exists():  # the same step saved again after a resume: replace it
@@ -195,6 +260,7 @@ def whole_weights(engine) -> dict[str, torch.Tensor]:
     """fp32 copies of every parameter (the optimizer's fp32 masters where there are any), on the CPU."""
     from deepspeed.utils import safe_get_full_fp32_param
 
+    engine = _ds(engine)
     out = {}
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)
@@ -210,6 +276,7 @@ def consolidated_state(engine) -> dict:
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    engine = _ds(engine)
     _link_optimizer_fragments(engine)
     params, moments = {}, {}
     for name, p in engine.module.named_parameters():
@@ -224,6 +291,7 @@ def load_consolidated(engine, whole: dict) -> None:
     """Put a `consolidated_state` into a ZeRO 1-2 engine of any world size."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    engine = _ds(engine)
     base = engine.optimizer.optimizer
     for group in base.param_groups:  # a fresh engine has no optimizer state yet: create it to fill in
         for flat in group["params"]:
@@ -257,46 +325,76 @@ def read_train_state(tag_dir: Path) -> dict:
 def load(engine, tag_dir: Path, zero_stage: int, seed: int) -> tuple[dict, Any]:
     """Load model, optimizer, scheduler, this rank's RNG and data position; returns (train_state, loader_state).
 
-    A collective: every rank calls it with the same `tag_dir`.
+    A collective: every rank calls it with the same `tag_dir`. A file that cannot be read is a
+    `CheckpointError` naming it (verification on resume catches damage first when `files.json` exists).
     """
     tag_dir = Path(tag_dir)
+    engine = _ds(engine)
     state = read_train_state(tag_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world, rank = dist.world_size(), dist.rank()
     if zero_stage == 3 and state["world_size"] != world:
         raise CheckpointError(f"{tag_dir} was saved by {state['world_size']} processes with ZeRO-3 and cannot load "
                               f"on {world}; resume on {state['world_size']} processes or with zero_stage 0-2")
-    if zero_stage in (1, 2) and state["world_size"] != world:
-        # DeepSpeed refuses ZeRO 1-2 optimizer partitions of another world size: use our whole copy.
-        if not (tag_dir / CONSOLIDATED).is_file():
-            raise CheckpointError(f"{tag_dir} has no {CONSOLIDATED} and was saved by {state['world_size']} processes; "
-                                  f"resume on {state['world_size']} processes")
-        load_consolidated(engine, torch.load(tag_dir / CONSOLIDATED, weights_only=True))
-    else:
-        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {tag_dir}; the checkpoint files are missing")
-    own = tag_dir / f"rank-{rank:05d}.pt"
-    if state["world_size"] == world and own.is_file():
-        rank_state = torch.load(own, weights_only=True)
-        set_rng_state(rank_state["rng"])
-        loader_state = rank_state["loader"]
-    else:
-        # Another world size: fresh RNG per rank, and rank 0's data position for the loader to re-split.
-        seed_everything(seed + 1_000_003 * (rank + 1) + state["step"])
-        loader_state = torch.load(tag_dir / "rank-00000.pt", weights_only=True)["loader"]
+    try:
+        if zero_stage in (1, 2) and state["world_size"] != world:
+            # DeepSpeed refuses ZeRO 1-2 optimizer partitions of another world size: use our whole copy.
+            if not (tag_dir / CONSOLIDATED).is_file():
+                raise CheckpointError(f"{tag_dir} has no {CONSOLIDATED} and was saved by {state['world_size']} "
+                                      f"processes; resume on {state['world_size']} processes")
+            load_consolidated(engine, torch.load(tag_dir / CONSOLIDATED, weights_only=True))
+        else:
+            load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if load_path is None:
+                raise CheckpointError(f"DeepSpeed could not load {tag_dir}; the checkpoint files are missing")
+        own = tag_dir / f"rank-{rank:05d}.pt"
+        if state["world_size"] == world and own.is_file():
+            rank_state = torch.load(own, weights_only=True)
+            set_rng_state(rank_state["rng"])
+            loader_state = rank_state["loader"]
+        else:
+            # Another world size: fresh RNG per rank, and rank 0's data position for the loader to re-split.
+            seed_everything(seed + 1_000_003 * (rank + 1) + state["step"])
+            loader_state = torch.load(tag_dir / "rank-00000.pt", weights_only=True)["loader"]
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{tag_dir} cannot be loaded ({first[:200]}); delete it to resume from the "
+                              f"previous checkpoint, or set run.resume to another step-* directory") from None
     return state, loader_state
 
 
+def _newest_intact(root: Path) -> Path | None:
+    """The newest complete checkpoint that verifies, warning about each damaged one passed over."""
+    tags = complete_tags(root)
+    for tag in reversed(tags):
+        problem = verify(tag)
+        if problem is None:
+            return tag
+        warn(f"checkpoint {tag.name} is damaged and skipped: {problem}")
+    if tags:
+        raise CheckpointError(f"{root}: none of the {len(tags)} complete checkpoint(s) is intact; restore them, or "
+                              f"move {root} aside and resume=never to start over")
+    return None
+
+
 def resolve_resume(resume: str, root: Path) -> Path | None:
-    """`auto` -> newest complete checkpoint under `root` or None; `never` -> None; else the given path."""
+    """`auto` -> newest intact checkpoint under `root` or None; `never` -> None; else the given path.
+
+    Rank 0 verifies (hashing reads every file once) and every rank gets its choice.
+    """
     if resume == "never":
         return None
     if resume == "auto":
-        return newest_complete(root)
+        chosen = _newest_intact(Path(root)) if dist.rank() == 0 else None
+        step = dist.broadcast_int(int(_TAG_RE.match(chosen.name).group(1)) if chosen is not None else -1)
+        return None if step < 0 else Path(root) / tag_for(step)
     path = Path(resume).expanduser()
     if not is_complete(path):
-        raise CheckpointError(f"pretrain.resume={resume}: not a complete checkpoint directory; pass a "
+        raise CheckpointError(f"resume={resume}: not a complete checkpoint directory; pass a "
                               f"checkpoints/step-* directory, auto or never")
+    problem = verify(path) if dist.rank() == 0 else None
+    if dist.broadcast_int(problem is not None):
+        raise CheckpointError(f"resume={resume}: {problem or 'the checkpoint is damaged'}")
     return path

@@ -3,7 +3,7 @@
     kompakt prepare RECIPE [key.sub=value ...]     clean the corpus (data_prep)
     kompakt tokenizer RECIPE [...]                 train a tokenizer and write packed token shards
     kompakt pretrain RECIPE [...] [--dry-run]      pretrain with DeepSpeed (CPU, GPU, many nodes)
-    kompakt export CHECKPOINT_DIR [--out DIR]      a pretraining checkpoint as a Hugging Face folder
+    kompakt export CHECKPOINT_DIR [--out DIR]      a training checkpoint as a Hugging Face folder
     kompakt run RECIPE [...]                       every stage the recipe has, in order
     kompakt validate RECIPE [...]                  check a recipe and print it resolved
     kompakt bench data [--json]                    benchmarks, with ratios against a baseline
@@ -43,6 +43,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kompakt.pipeline import STAGES
+
     parser = argparse.ArgumentParser(
         prog="kompakt",
         description="Pretrain compact, language-specific encoder models: corpus cleaning, tokenizers, "
@@ -52,28 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("prepare", help="read, normalise, filter, deduplicate and split the raw corpus",
-                       description="data_prep: raw text/JSONL/Parquet/datasets folders -> Parquet shards "
-                                   "(id, text, sentences, lang) and stats.json. With data.num_shards>1 and "
-                                   "data.shard_index=i it builds only part i (for a Slurm array); without "
-                                   "shard_index it builds missing parts and merges them with cross-part dedup.")
-    _add_recipe_args(p)
-    p = sub.add_parser("tokenizer", help="train a tokenizer, report on held-out text, write packed token shards",
-                       description="tokenization: trains WordPiece, Unigram or byte-level BPE on the prepared "
-                                   "corpus (running data_prep first if needed), saves an AutoTokenizer folder, "
-                                   "writes report.json and packed uint16/uint32 token shards.")
-    _add_recipe_args(p)
-    p = sub.add_parser("pretrain", help="pretrain the model on the packed token shards with DeepSpeed",
-                       description="pretrain: trains the recipe's model on the tokenizer stage's shards on one CPU, "
-                                   "one GPU or many (launch with torchrun, srun or deepspeed), saving kill-safe "
-                                   "checkpoints; resume: auto continues. SIGTERM/SIGUSR1 or the time limit save and "
-                                   "exit with status 75 for a requeue. Ends with an HF export.")
-    _add_recipe_args(p)
-    p.add_argument("--dry-run", action="store_true",
-                   help="print parameters, tokens per step, accumulation steps and FLOPs per token; train nothing")
-    p.add_argument("--world-size", type=int, default=None,
-                   help="with --dry-run: processes to plan for (default: the launcher's, else 1)")
-    p = sub.add_parser("export", help="export a pretraining checkpoint as a Hugging Face folder",
+    for stage in STAGES.values():  # one command per declared stage
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.description or stage.help)
+        _add_recipe_args(p)
+        if stage.name == "pretrain":
+            p.add_argument("--dry-run", action="store_true",
+                           help="print parameters, tokens per step, accumulation steps and FLOPs per token; train nothing")
+            p.add_argument("--world-size", type=int, default=None,
+                           help="with --dry-run: processes to plan for (default: the launcher's, else 1)")
+    p = sub.add_parser("export", help="export a training checkpoint as a Hugging Face folder",
                        description="Writes config.json, model.safetensors, the tokenizer and a model card from a "
                                    "complete checkpoints/step-* directory.")
     p.add_argument("checkpoint", help="a pretrain-*/checkpoints/step-* directory")
@@ -111,28 +100,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         from pathlib import Path
 
-        from kompakt.pretrain.stage import export_checkpoint
+        from kompakt.export import export_checkpoint
 
         ckpt = Path(args.checkpoint)
         out = export_checkpoint(ckpt, Path(args.out) if args.out else ckpt.with_name(ckpt.name + "-hf"))
         print(out)
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.command == "pretrain":
-        if args.dry_run:
-            pipeline.pretrain_dry_run(recipe, world_size=args.world_size)
-        else:
-            pipeline.pretrain(recipe, force=args.force)
-        return 0
     if args.command == "validate":
         print(json.dumps(recipe.model_dump(mode="json"), indent=2, ensure_ascii=False))
         return 0
-    if args.command == "prepare":
-        pipeline.prepare(recipe, force=args.force)
-    elif args.command == "tokenizer":
-        pipeline.tokenizer(recipe, force=args.force)
-    elif args.command == "run":
-        pipeline.run_all(recipe, force=args.force)
+    if args.command == "pretrain" and args.dry_run:
+        pipeline.pretrain_dry_run(recipe, world_size=args.world_size)
+        return 0
+    p = pipeline.Pipeline(recipe)
+    if args.command == "run":
+        p.run_all(force=args.force)
+    else:
+        p.ensure(args.command, force=args.force)
     return 0
 
 
@@ -144,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A full disk, a quota, a read-only or forbidden path: the user's to fix, so one line too.
+        from kompakt.runs import disk_error_message
+
+        message = disk_error_message(err)
+        if message is None or args.debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

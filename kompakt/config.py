@@ -22,8 +22,10 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from kompakt.config_base import StrictModel
 from kompakt.errors import ConfigError
+from kompakt.languages import check_language
 from kompakt.model_config import ModelConfig
 from kompakt.pretrain_config import PretrainConfig
+from kompakt.train_config import hashed_config, runtime_field
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +71,10 @@ class DataConfig(StrictModel):
     langid_accuracy: Literal["high", "low"] = "high"
     dedup: DedupConfig = DedupConfig()
     docs_per_shard: int = Field(50_000, ge=1)
-    num_proc: int = Field(1, ge=1)
-    shard_index: int | None = Field(None, ge=0)
+    # Worker processes and the Slurm-array part to build: speed and scheduling, not content
+    # (the output is byte-identical for any num_proc and num_shards; tested).
+    num_proc: int = runtime_field(1, ge=1)
+    shard_index: int | None = runtime_field(None, ge=0)
     num_shards: int = Field(1, ge=1)
     seed: int = 0
 
@@ -83,11 +87,9 @@ class DataConfig(StrictModel):
     @field_validator("languages")
     @classmethod
     def _lower(cls, v: list[str]) -> list[str]:
-        from kompakt.data_prep.langid import language_of
-
         codes = [str(x).strip().lower() for x in v]
         for code in codes:  # an unknown code fails at start-up, not after reading the corpus
-            language_of(code)
+            check_language(code)
         return codes
 
     @model_validator(mode="after")
@@ -110,8 +112,8 @@ class TokenizerConfig(StrictModel):
     kind: Literal["wordpiece", "unigram", "bpe"] = "wordpiece"
     # Rounded up to a multiple of 64 so the embedding and MLM-head matmuls tile well.
     vocab_size: int = Field(32_000, ge=64)
-    # Special tokens of the model family: bert ([CLS] [SEP] [MASK]...), albert, or lattice (bert + chars).
-    family: Literal["bert", "albert", "spanbert", "lattice"] = "bert"
+    # Special tokens of the model family (kompakt/families.py): bert ([CLS] [SEP] [MASK]...), albert, ...
+    family: str = "bert"
     lowercase: bool = False
     strip_accents: bool = False
     min_frequency: int = Field(2, ge=1)
@@ -124,7 +126,7 @@ class TokenizerConfig(StrictModel):
     max_train_docs: int | None = Field(None, ge=1)
     model_max_length: int = Field(512, ge=8)
     docs_per_shard: int = Field(200_000, ge=1)
-    num_proc: int = Field(1, ge=1)
+    num_proc: int = runtime_field(1, ge=1)
 
     @property
     def vocab_size_rounded(self) -> int:
@@ -132,6 +134,11 @@ class TokenizerConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerConfig:
+        from kompakt import families
+
+        if self.family not in families.FAMILIES:
+            raise ValueError(f"tokenizer.family={self.family!r} is not a registered family; use one of "
+                             f"{', '.join(sorted(families.FAMILIES))}")
         # Character-level Chinese relies on BERT's normaliser putting spaces around CJK characters.
         if self.chinese_chars and self.kind != "wordpiece":
             raise ValueError("tokenizer.chinese_chars needs tokenizer.kind=wordpiece")
@@ -145,6 +152,34 @@ class TokenizerConfig(StrictModel):
 # ---------------------------------------------------------------------------------------------
 
 
+class ReleaseConfig(StrictModel):
+    """What a released model's card says about it (Hugging Face Hub metadata); not hashed.
+
+    `language` defaults to `data.languages`. The data licence and attribution are the corpus's, for
+    example "CC BY 4.0" and "Bokmålsordboka, Språkrådet and the University of Bergen".
+    """
+
+    language: list[str] = Field(default_factory=list, description="ISO 639-1 codes; empty: data.languages")
+    license: str = Field("apache-2.0", description="the model's licence, as a Hub licence identifier")
+    datasets: list[str] = Field(default_factory=list, description="Hub dataset ids or names of the corpora")
+    data_license: str | None = None
+    data_attribution: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return ["no" if x is False else x for x in v] if isinstance(v, list) else v
+
+    @field_validator("language")
+    @classmethod
+    def _codes(cls, v: list[str]) -> list[str]:
+        codes = [str(x).strip().lower() for x in v]
+        for code in codes:
+            check_language(code, key="release.language")
+        return codes
+
+
 class Recipe(StrictModel):
     """A complete recipe: one section per stage. Later issues add sections."""
 
@@ -154,6 +189,13 @@ class Recipe(StrictModel):
     tokenizer: TokenizerConfig | None = None
     model: ModelConfig | None = None
     pretrain: PretrainConfig | None = None
+    release: ReleaseConfig = ReleaseConfig()
+
+    def release_metadata(self) -> dict:
+        """The release section with `language` filled from data.languages when left empty."""
+        out = self.release.model_dump(mode="json")
+        out["language"] = out["language"] or list(self.data.languages)
+        return out
 
     def path(self, p: str) -> Path:
         """A path from the recipe: relative paths resolve against the working directory, as in any CLI."""
@@ -268,5 +310,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def section_dict(section: BaseModel | None) -> dict:
-    """A section as plain JSON-able data, for hashing and for writing the resolved config."""
+    """A section as plain JSON-able data, for writing the resolved config."""
     return {} if section is None else section.model_dump(mode="json")
+
+
+def section_hash_dict(section: BaseModel | None) -> dict:
+    """What of a section goes into its stage hash: all but run control and runtime fields."""
+    return hashed_config(section)

@@ -122,3 +122,38 @@ def barrier() -> None:
 
     if is_initialized():
         tdist.barrier()
+
+
+def rank() -> int:
+    """This process's rank in the process group; 0 before torch.distributed is initialised (alone)."""
+    import torch.distributed as tdist
+
+    return tdist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """The process group's size; 1 before torch.distributed is initialised (alone)."""
+    import torch.distributed as tdist
+
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+def detect_rank() -> int:
+    """The launcher's rank without a rendezvous (0 for a plain process); cheap, never raises."""
+    env = os.environ
+    for var in ("RANK", "SLURM_PROCID"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return 0
+
+
+def broadcast_int(value: int, src: int = 0, device=None) -> int:
+    """`value` of rank `src` on every rank (one small collective); the value itself without a group."""
+    import torch
+    import torch.distributed as tdist
+
+    if not is_initialized():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    tdist.broadcast(t, src=src)
+    return int(t.item())

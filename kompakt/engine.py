@@ -1,8 +1,10 @@
 """DeepSpeed: the one place where a model is wrapped for distributed training.
 
-`build_engine(model, cfg, dist_env)` initialises torch.distributed (gloo on CPU, NCCL on GPU),
-builds the optimizer and the learning-rate schedule from the typed `PretrainConfig`, generates the
-DeepSpeed config dict from it (there is no hand-written DeepSpeed JSON) and returns the engine.
+`build_engine(model, section, dist_env)` builds the optimizer, the learning-rate schedule and the
+DeepSpeed config from a training section's own subsections (`optim`, `schedule`, `engine`; see
+kompakt/train_config.py; there is no hand-written DeepSpeed JSON) and returns a `TrainEngine`.
+Every training stage uses it. DeepSpeed's private attributes are touched here and in
+kompakt/checkpoint.py only, behind named methods such as `TrainEngine.skip_step`.
 
 Loss scaling and averaging. One micro-batch is one packed stream of about
 `tokens_per_micro_batch` tokens; the model returns the mean loss over that micro-batch's predicted
@@ -24,7 +26,7 @@ from typing import Callable
 import torch
 
 from kompakt.dist import DistEnv
-from kompakt.pretrain_config import OptimConfig, PretrainConfig, ScheduleConfig
+from kompakt.train_config import EngineConfig, OptimConfig, ScheduleConfig, TrainSection
 
 
 class Lamb(torch.optim.Optimizer):
@@ -124,20 +126,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def deepspeed_config(cfg: PretrainConfig, *, accumulation_steps: int, world_size: int, precision: str) -> dict:
-    """The DeepSpeed config, generated from the typed config.
+def deepspeed_config(section: TrainSection, *, accumulation_steps: int, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config, generated from the typed training section (its `engine` subsection).
 
     DeepSpeed counts batches in samples; one packed micro-batch is our "sample", so the micro batch
     size is 1 and the train batch is `accumulation_steps x world_size` micro-batches.
     """
-    zero: dict = {"stage": cfg.zero_stage}
+    eng: EngineConfig = section.engine
+    zero: dict = {"stage": eng.zero_stage}
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": accumulation_steps,
         "train_batch_size": accumulation_steps * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": eng.grad_clip,
         "zero_optimization": zero,
-        # check_grad_overflow: a non-finite gradient norm makes ZeRO skip the update (see loop).
+        # check_grad_overflow: a non-finite gradient norm makes ZeRO skip the update (see skip_step).
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
@@ -171,24 +174,113 @@ def init_distributed(dist_env: DistEnv) -> None:
         torch.cuda.set_device(dist_env.local_rank)
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, dist_env: DistEnv, accumulation_steps: int | None = None):
-    """Wrap `model` in a DeepSpeed engine with our optimizer and schedule; returns (engine, EngineInfo).
+class TrainEngine:
+    """A DeepSpeed engine with the few operations the shared loop needs, named for what they do.
 
-    `accumulation_steps` defaults to `cfg.accumulation_steps(world)` (micro-batches filled to the
-    budget); the stage passes the data loader's figure, which uses the measured mean fill.
-    torch.distributed must be initialised first (`init_distributed`).
+    `module` is the trained `nn.Module`; calling the engine runs its forward. `info` holds the
+    device, precision and step geometry.
+    """
+
+    def __init__(self, ds_engine, info: EngineInfo, zero_stage: int):
+        self.ds = ds_engine
+        self.info = info
+        self.zero_stage = zero_stage
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def __call__(self, **batch):
+        return self.ds(**batch)
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def compile(self) -> None:
+        self.ds.compile()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (DeepSpeed divides it by the accumulation steps)."""
+        self.ds.backward(loss)
+
+    def micro_step(self) -> None:
+        """After a micro-batch that is not the step's last: DeepSpeed only advances its counter."""
+        self.ds.step()
+
+    def step(self) -> None:
+        """The optimizer step at the end of an accumulation boundary (clipped, scheduled)."""
+        self.ds.step()
+
+    def skip_step(self) -> None:
+        """Skip this optimizer step because a loss was non-finite on some rank; the schedule still advances.
+
+        Plain fp32 data parallel (ZeRO 0) has no overflow check: drop the gradients (torch optimizers
+        leave a parameter without one untouched) and let DeepSpeed advance its counters with
+        clipping off for this call, since there is nothing to clip. ZeRO and bf16 see the
+        non-finite norm and skip the update themselves.
+        """
+        ds = self.ds
+        skipped_before = ds.skipped_steps
+        last_epoch = ds.lr_scheduler.last_epoch
+        if self.zero_stage == 0 and self.info.precision == "fp32":
+            ds.zero_grad()
+            clip, ds._config.gradient_clipping = ds._config.gradient_clipping, 0.0
+            try:
+                ds.step()
+            finally:
+                ds._config.gradient_clipping = clip
+        else:
+            ds.step()
+            assert ds.skipped_steps == skipped_before + 1, "DeepSpeed applied a non-finite step"
+        if ds.lr_scheduler.last_epoch == last_epoch:
+            ds.lr_scheduler.step()  # the schedule follows steps taken, skipped or not
+
+    def measures_own_grad_norm(self) -> bool:
+        """False for fp32 ZeRO 0, where DeepSpeed clips without keeping the norm (see `grad_norm_now`)."""
+        return not (self.zero_stage == 0 and self.info.precision == "fp32")
+
+    def grad_norm_now(self) -> float | None:
+        """The global gradient 2-norm of the gradients present now (before `step`), for fp32 ZeRO 0."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+    def last_grad_norm(self) -> float | None:
+        """The norm DeepSpeed measured at the last step, or None (not measured, or non-finite)."""
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            return None
+        norm = float(norm)
+        return norm if math.isfinite(norm) else None
+
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+
+def build_engine(model: torch.nn.Module, section: TrainSection, dist_env: DistEnv,
+                 accumulation_steps: int | None = None) -> tuple[TrainEngine, EngineInfo]:
+    """Wrap `model` in DeepSpeed with the section's optimizer and schedule; returns (engine, EngineInfo).
+
+    Accumulation: `section.engine.accumulation_steps` when set, else `accumulation_steps` (the
+    stage's figure; pretraining passes the loader's, from the measured mean fill), else the
+    section's own `accumulation_steps(world)`. torch.distributed must be initialised first.
     """
     import deepspeed
 
     device = choose_device(dist_env)
-    precision = resolve_precision(cfg.precision, device)
-    accum = accumulation_steps or cfg.accumulation_steps(dist_env.world_size)
-    ds_cfg = deepspeed_config(cfg, accumulation_steps=accum, world_size=dist_env.world_size, precision=precision)
+    precision = resolve_precision(section.engine.precision, device)
+    accum = section.engine.accumulation_steps or accumulation_steps
+    if accum is None:
+        accum = section.accumulation_steps(dist_env.world_size) if hasattr(section, "accumulation_steps") else 1
+    ds_cfg = deepspeed_config(section, accumulation_steps=accum, world_size=dist_env.world_size, precision=precision)
     model = model.to(device)
-    optimizer = make_optimizer(model, cfg.optim, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.schedule, cfg.max_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    return engine, EngineInfo(device, precision, accum, dist_env.world_size, ds_cfg)
+    optimizer = make_optimizer(model, section.optim, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(section.schedule, section.max_steps))
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    info = EngineInfo(device, precision, accum, dist_env.world_size, ds_cfg)
+    return TrainEngine(ds_engine, info, section.engine.zero_stage), info
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -1,6 +1,6 @@
 """Lattice-BERT as Hugging Face classes: `LatticeBertConfig`, `LatticeBertModel`, `LatticeBertForMaskedLM`.
 
-`import kompakt` registers them with `AutoConfig`, `AutoModel` and `AutoModelForMaskedLM` under
+`kompakt.register_hf()` (or `register()` here) registers them with `AutoConfig`, `AutoModel` and `AutoModelForMaskedLM` under
 `model_type = "lattice-bert"`, so an exported folder loads with `AutoModel.from_pretrained(folder)`
 and no remote code. The classes wrap the packed encoder of kompakt/models/lattice.py: a padded
 batch is packed (padding removed), run, and scattered back, so the hidden states equal the packed
@@ -233,6 +233,7 @@ def to_hf_model(model: lattice.LatticeBertForPreTraining) -> LatticeBertForMaske
 
 def load_pretrained(path: str | Path) -> lattice.LatticeBertForPreTraining:
     """Our packed pretraining model from an exported (or any `LatticeBertForMaskedLM`) folder."""
+    register()
     hf = LatticeBertForMaskedLM.from_pretrained(path)
     model = lattice.LatticeBertForPreTraining(to_model_config(hf.config))
     prefix = "lattice_bert.lattice."
@@ -249,7 +250,7 @@ tags: [lattice-bert, chinese, fill-mask, kompakt]
 # Lattice-BERT (kompakt)
 
 A Chinese Lattice-BERT encoder (Lai et al., 2021) pretrained with kompakt using masked segment prediction.
-Load it with `import kompakt` first (it registers `model_type="lattice-bert"`), then
+Load it after `import kompakt; kompakt.register_hf()` (it registers `model_type="lattice-bert"`), then
 `transformers.AutoModel.from_pretrained(folder)` or `AutoModelForMaskedLM.from_pretrained(folder)`.
 
 Inputs, per padded row: `input_ids` = [CLS] characters [SEP] then the lexicon words found in the

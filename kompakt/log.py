@@ -14,7 +14,9 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    from kompakt.dist import detect_rank
+
+    return detect_rank()
 
 
 def info(msg: str) -> None:

@@ -13,9 +13,7 @@ from pydantic import Field, ValidationInfo, model_validator
 from kompakt.config_base import StrictModel
 from kompakt.errors import ConfigError
 
-# The activation each family's reference implementation uses when the recipe does not name one:
-# BERT/NorBERT/SpanBERT use exact erf GELU ("gelu"); HF's AlbertConfig defaults to "gelu_new" (tanh).
-DEFAULT_ACT = {"bert": "gelu", "spanbert": "gelu", "albert": "gelu_new", "lattice": "gelu"}
+from kompakt import families
 
 
 class LatticeConfig(StrictModel):
@@ -37,7 +35,8 @@ class LatticeConfig(StrictModel):
 class ModelConfig(StrictModel):
     """Model family and sizes; `vocab_size` must match the tokenizer's (see `check_vocab`)."""
 
-    family: Literal["bert", "albert", "spanbert", "lattice"] = "bert"
+    # A registered family (kompakt/families.py): bert, albert, spanbert, lattice, or one a user added.
+    family: str = "bert"
     # None: taken from the tokenizer at pretraining start. Multiples of 64 tile the embedding and head matmuls.
     vocab_size: int | None = Field(None, ge=64)
     hidden_size: int = Field(768, ge=8)
@@ -53,7 +52,7 @@ class ModelConfig(StrictModel):
     max_position_embeddings: int = Field(512, ge=8)
     type_vocab_size: int = Field(2, ge=1)
     layer_norm_eps: float = Field(1e-12, gt=0.0)
-    # None: the family's default (DEFAULT_ACT); "gelu" is exact erf GELU, "gelu_new" the tanh approximation.
+    # None: the family's default (kompakt/families.py); "gelu" is exact erf GELU, "gelu_new" the tanh one.
     hidden_act: Literal["gelu", "gelu_new"] | None = None
     # No dropout in pretraining by default (cramming, ModernBERT); fine-tuning sets its own.
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -67,10 +66,13 @@ class ModelConfig(StrictModel):
     @property
     def act(self) -> str:
         """The activation in use: `hidden_act`, or the family's default."""
-        return self.hidden_act or DEFAULT_ACT[self.family]
+        return self.hidden_act or families.get(self.family).default_act
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> ModelConfig:
+        if self.family not in families.FAMILIES:
+            raise ValueError(f"model.family={self.family!r} is not a registered family; use one of "
+                             f"{', '.join(sorted(families.FAMILIES))}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
                              f"model.num_heads={self.num_heads}")

@@ -2,7 +2,7 @@
 
 `ObjectiveConfig` says how an example is laid out and masked (pretrain/masking.py);
 `DataLoaderConfig` says how examples are ordered, split across ranks and packed into micro-batches
-(pretrain/data.py). Both are nested into `PretrainConfig` (kompakt/pretrain_config.py) as
+(kompakt/packed.py); how many workers build them is run control (`pretrain.run`). Both are nested into `PretrainConfig` (kompakt/pretrain_config.py) as
 `pretrain.objective` and `pretrain.data`.
 """
 
@@ -66,12 +66,3 @@ class DataLoaderConfig(StrictModel):
     global_batch_tokens: int = Field(262_144, ge=8)
     # Seeds the per-epoch order and every example's masking (with its sample index).
     seed: int = Field(0, ge=0)
-    # Micro-batches built ahead by a background thread; 0 builds them in the training thread.
-    # Unused when num_workers > 0 (the workers build ahead themselves).
-    prefetch: int = Field(2, ge=0, le=64)
-    # Worker processes that mask and collate micro-batches in parallel (0: none). One core builds a
-    # 16k-token micro-batch in 50-130 ms (ngram/span + SOP slowest), while an H100 trains a base-size
-    # model on it in ~35 ms (6 x 110M FLOPs/token x 16k tokens at ~300 TFLOP/s), and a thread cannot
-    # help (the GIL), so a GPU run wants about 4 per GPU, with cores to spare for them. Batches and
-    # resume are identical for every value.
-    num_workers: int = Field(0, ge=0, le=64)

@@ -1,30 +1,25 @@
-"""The stages in order, with their run directories.
+"""The stages, declared: each is its recipe section, its upstream stages and its body.
 
-Each function resolves its upstream stages first (skipped when complete), computes its own
-directory from its config section and its inputs' hashes, and runs the stage body only when that
-directory is not already complete. Stage bodies live in the stage packages and receive their own
-config section, their input folders and a `StageRun` to write into; they never see the recipe.
+`kompakt run`, the per-stage CLI commands and the stage directories all follow from `STAGES`:
+a stage's directory is `<run_dir>/<name>-<hash>/`, the hash covering its section (less run control
+and runtime fields, see kompakt/train_config.py) and its upstream stages' hashes. Running a stage
+first ensures its upstream stages (skipped when complete), each resolved and reported once per
+command. A new stage (compress, finetune, eval, infer) is one `Stage(...)` entry here plus its
+package; stage bodies live in the stage packages, receive their own sections and input folders,
+and never see the recipe.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from kompakt.config import Recipe, section_dict
+from kompakt.config import Recipe, section_hash_dict
 from kompakt.errors import ConfigError
 from kompakt.log import info
 from kompakt.runs import file_fingerprint, is_complete, open_stage, stage_dir
-
-# Config keys that change how fast a stage runs, not what it writes; kept out of the hash.
-_RUNTIME_KEYS = {"num_proc", "shard_index"}
-
-
-def _hashed(section) -> dict:
-    return {k: v for k, v in section_dict(section).items() if k not in _RUNTIME_KEYS}
-
-
-def _run_dir(recipe: Recipe) -> Path:
-    return recipe.path(recipe.run_dir)
 
 
 def _hash_of(stage_dir_: Path) -> str:
@@ -32,31 +27,145 @@ def _hash_of(stage_dir_: Path) -> str:
     return stage_dir_.name.rsplit("-", 1)[1]
 
 
-def _parts(recipe: Recipe) -> list[tuple[list[Path], dict, Path]]:
+def _body(ref: str) -> Callable:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
+
+    `sections` are the recipe sections it reads (the first turns it on); `upstream` the stages whose
+    outputs it reads; `body` a "module:function" called as `body(pipeline, stage, directory,
+    config, inputs, force)` by `Pipeline.ensure`; `in_place` stages (training) use their directory
+    in place so checkpoints survive kills, the others are built atomically by `open_stage`.
+    """
+
+    name: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+    body: str
+    help: str
+    description: str = ""
+    in_place: bool = False
+    raw_inputs: bool = False  # hashes the recipe's input files rather than upstream stages
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return getattr(recipe, self.sections[0], None) is not None
+
+    def config(self, recipe: Recipe) -> dict:
+        if len(self.sections) == 1:
+            return section_hash_dict(getattr(recipe, self.sections[0]))
+        return {s: section_hash_dict(getattr(recipe, s)) for s in self.sections}
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("prepare", ("data",), (), "kompakt.pipeline:_prepare_body", raw_inputs=True,
+          help="read, normalise, filter, deduplicate and split the raw corpus",
+          description="data_prep: raw text/JSONL/Parquet/datasets folders -> Parquet shards (id, text, sentences, "
+                      "lang) and stats.json. With data.num_shards>1 and data.shard_index=i it builds only part i "
+                      "(for a Slurm array); without shard_index it builds missing parts and merges them with "
+                      "cross-part dedup."),
+    Stage("tokenizer", ("tokenizer",), ("prepare",), "kompakt.pipeline:_tokenizer_body",
+          help="train a tokenizer, report on held-out text, write packed token shards",
+          description="tokenization: trains WordPiece, Unigram or byte-level BPE on the prepared corpus (running "
+                      "data_prep first if needed), saves an AutoTokenizer folder, writes report.json and packed "
+                      "token shards: tokens/ for training, heldout/ for the held-out documents."),
+    Stage("pretrain", ("pretrain", "model"), ("tokenizer",), "kompakt.pipeline:_pretrain_body", in_place=True,
+          help="pretrain the model on the packed token shards with DeepSpeed",
+          description="pretrain: trains the recipe's model on the tokenizer stage's shards on one CPU, one GPU or "
+                      "many (launch with torchrun, srun or deepspeed), saving kill-safe checkpoints; run.resume: "
+                      "auto continues. SIGTERM/SIGUSR1 or the time limit save and exit with status 75 for a "
+                      "requeue. Ends with an HF export."),
+]}
+
+
+@dataclass
+class Pipeline:
+    """One command's view of a recipe: stage directories resolved and stages ensured once each."""
+
+    recipe: Recipe
+    _dirs: dict[str, tuple[Path, dict, dict]] = field(default_factory=dict)
+    _done: dict[str, Path | None] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.recipe.path(self.recipe.run_dir)
+
+    def stage(self, name: str) -> Stage:
+        stage = STAGES[name]
+        missing = sorted(s for s in stage.sections if getattr(self.recipe, s, None) is None)
+        if missing:
+            raise ConfigError(f"recipe has no {' or '.join(missing)} section, which the {name} stage needs; add "
+                              f"{'it' if len(missing) == 1 else 'them'} (see recipes/demo-nb.yaml)")
+        return stage
+
+    def resolve(self, name: str) -> tuple[Path, dict, dict]:
+        """(directory, hashed config, inputs) of a stage, from the recipe alone; nothing runs."""
+        if name not in self._dirs:
+            stage = self.stage(name)
+            config = stage.config(self.recipe)
+            if stage.raw_inputs:
+                inputs = {d.name: _hash_of(d) for _, _, d in prepare_parts(self)}
+            else:
+                inputs = {up if up != "prepare" else "corpus": _hash_of(self.resolve(up)[0]) for up in stage.upstream}
+            self._dirs[name] = (stage_dir(self.run_dir, name, config, inputs), config, inputs)
+        return self._dirs[name]
+
+    def ensure(self, name: str, force: bool = False) -> Path | None:
+        """Run a stage if its directory is not complete (upstream first); returns its directory."""
+        if name in self._done:
+            return self._done[name]
+        stage = self.stage(name)
+        from kompakt import dist
+
+        several = dist.detect().world_size > 1
+        for up in stage.upstream:
+            if several:  # ranks must not race to build upstream stages
+                d = self.resolve(up)[0]
+                if not is_complete(d):
+                    raise ConfigError(f"the {up} stage is not complete; run `kompakt {up} RECIPE` in one process "
+                                      f"before launching {name} on several")
+                self._done[up] = d
+            elif self.ensure(up) is None:
+                raise ConfigError("data.shard_index is set; later stages need the merged corpus, so drop shard_index")
+        d, config, inputs = self.resolve(name)
+        if not force and is_complete(d):
+            info(f"{name}: complete, skipped ({d})")
+            self._done[name] = d
+            return d
+        self._done[name] = _body(stage.body)(self, stage, d, config, inputs, force)
+        return self._done[name]
+
+    def upstream_dir(self, name: str) -> Path:
+        d = self._done.get(name)
+        assert d is not None, f"{name} was not ensured"
+        return d
+
+    def run_all(self, force: bool = False) -> dict[str, Path | None]:
+        """Every stage the recipe has, in order; complete stages are skipped."""
+        return {name: self.ensure(name, force=force) for name, stage in STAGES.items() if stage.enabled(self.recipe)}
+
+
+# --- data_prep: parts for a Slurm array, then the merge ------------------------------------------
+
+
+def prepare_parts(p: Pipeline) -> list[tuple[list[Path], dict, Path]]:
     """Per data_prep part: its input files (`files[i::num_shards]`), its input hashes and its directory."""
+    recipe = p.recipe
     files = recipe.resolve_inputs()
     n = recipe.data.num_shards
+    config = section_hash_dict(recipe.data)
     out = []
     for i in range(n):
         part_files = files[i::n]
         inputs = {"part": f"{i}/{n}", **{str(f): file_fingerprint(f) for f in part_files}}
-        out.append((part_files, inputs, stage_dir(_run_dir(recipe), "prepare_part", _hashed(recipe.data), inputs)))
+        out.append((part_files, inputs, stage_dir(p.run_dir, "prepare_part", config, inputs)))
     return out
 
 
-def prepare_dir(recipe: Recipe) -> tuple[Path, dict]:
-    """The merged data_prep directory of a recipe and its inputs, without running anything."""
-    inputs = {d.name: _hash_of(d) for _, _, d in _parts(recipe)}
-    return stage_dir(_run_dir(recipe), "prepare", _hashed(recipe.data), inputs), inputs
-
-
-def tokenizer_dir(recipe: Recipe, corpus_dir: Path) -> tuple[Path, dict]:
-    """The tokenizer stage directory for a data_prep directory, and its inputs, without running anything."""
-    inputs = {"corpus": _hash_of(corpus_dir)}
-    return stage_dir(_run_dir(recipe), "tokenizer", _hashed(recipe.tokenizer), inputs), inputs
-
-
-def prepare(recipe: Recipe, force: bool = False) -> Path | None:
+def _prepare_body(p: Pipeline, stage: Stage, d: Path, config: dict, inputs: dict, force: bool) -> Path | None:
     """data_prep: raw files -> `prepare-<hash>/corpus/*.parquet` and `stats.json`.
 
     With `data.num_shards > 1` the inputs are split into parts (`prepare_part-<hash>`) that a Slurm
@@ -66,67 +175,72 @@ def prepare(recipe: Recipe, force: bool = False) -> Path | None:
     """
     from kompakt.data_prep import stage as data_stage
 
-    cfg = recipe.data
-    parts = _parts(recipe)
-    for i, (part_files, inputs, d) in enumerate(parts):
+    cfg = p.recipe.data
+    parts = prepare_parts(p)
+    for i, (part_files, part_inputs, part_dir) in enumerate(parts):
         if cfg.shard_index is not None and i != cfg.shard_index:
             continue
-        if force or not is_complete(d):
-            info(f"prepare: part {i + 1}/{len(parts)}, {len(part_files)} file(s) -> {d}")
-            with open_stage(_run_dir(recipe), "prepare_part", _hashed(cfg), inputs) as run:
+        if force or not is_complete(part_dir):
+            info(f"prepare: part {i + 1}/{len(parts)}, {len(part_files)} file(s) -> {part_dir}")
+            with open_stage(p.run_dir, "prepare_part", config, part_inputs) as run:
                 data_stage.run_part(cfg, part_files, run)
         else:
-            info(f"prepare: part {i + 1}/{len(parts)} complete, skipped ({d})")
+            info(f"prepare: part {i + 1}/{len(parts)} complete, skipped ({part_dir})")
     if cfg.shard_index is not None:
         return None
-    d, inputs = prepare_dir(recipe)
-    if not force and is_complete(d):
-        info(f"prepare: complete, skipped ({d})")
-        return d
-    with open_stage(_run_dir(recipe), "prepare", _hashed(cfg), inputs) as run:
+    with open_stage(p.run_dir, "prepare", config, inputs) as run:
         data_stage.merge(cfg, [part_dir for _, _, part_dir in parts], run)
     info(f"prepare: wrote {d}")
     return d
 
 
-def tokenizer(recipe: Recipe, force: bool = False) -> Path:
-    """tokenization: corpus -> `tokenizer-<hash>/tokenizer/` (HF folder), `report.json`, `tokens/` shards."""
+def _tokenizer_body(p: Pipeline, stage: Stage, d: Path, config: dict, inputs: dict, force: bool) -> Path:
+    """tokenization: corpus -> `tokenizer-<hash>/tokenizer/` (HF folder), `report.json`, `tokens/`, `heldout/`."""
     from kompakt.tokenization import stage as tok_stage
 
-    if recipe.tokenizer is None:
-        raise ConfigError("recipe has no tokenizer section; add one (see recipes/demo-nb.yaml)")
-    corpus = prepare(recipe)
-    if corpus is None:
-        raise ConfigError("data.shard_index is set; the tokenizer needs the merged corpus, so drop shard_index")
-    d, inputs = tokenizer_dir(recipe, corpus)
-    if not force and is_complete(d):
-        info(f"tokenizer: complete, skipped ({d})")
-        return d
-    with open_stage(_run_dir(recipe), "tokenizer", _hashed(recipe.tokenizer), inputs) as run:
-        tok_stage.run(recipe.tokenizer, corpus, run)
+    with open_stage(p.run_dir, "tokenizer", config, inputs) as run:
+        tok_stage.run(p.recipe.tokenizer, p.upstream_dir("prepare"), run)
     info(f"tokenizer: wrote {d}")
     return d
 
 
-# pretrain keys that change how a run is driven (checkpoint cadence, logging, limits, where to resume
-# from), not what it computes; kept out of the hash so a requeue with a new time limit continues.
-_PRETRAIN_RUNTIME_KEYS = {"resume", "time_limit_minutes", "save_every", "keep_last", "log_every", "eval_every",
-                          "eval_batches", "max_nonfinite_in_a_row"}
+def _pretrain_body(p: Pipeline, stage: Stage, d: Path, config: dict, inputs: dict, force: bool) -> Path:
+    """pretrain: token shards -> `pretrain-<hash>/` with checkpoints/, metrics.jsonl, tb/ and export/.
+
+    Unlike the other stages the directory is used in place (checkpoints survive kills and requeues);
+    `manifest.json` with `complete: true` appears only after the export.
+    """
+    from kompakt.pretrain import stage as pretrain_stage
+
+    info(f"pretrain: {d}")
+    recipe = p.recipe
+    return pretrain_stage.run(recipe.model, recipe.pretrain, p.upstream_dir("tokenizer"), d, stage_hash=_hash_of(d),
+                              inputs=inputs, recipe_name=recipe.name, release=recipe.release_metadata())
 
 
-def pretrain_dir(recipe: Recipe, tok_dir: Path) -> tuple[Path, dict, dict]:
-    """The pretrain stage directory with its hashed config and inputs."""
-    cfg = {k: v for k, v in section_dict(recipe.pretrain).items() if k not in _PRETRAIN_RUNTIME_KEYS}
-    # Prefetch depth and loader workers change speed only: the batches are identical (tested).
-    cfg["data"] = {k: v for k, v in cfg["data"].items() if k not in ("prefetch", "num_workers")}
-    config = {"model": section_dict(recipe.model), "pretrain": cfg}
-    inputs = {"tokenizer": _hash_of(tok_dir)}
-    return stage_dir(_run_dir(recipe), "pretrain", config, inputs), config, inputs
+# --- the functions the CLI and older callers use ---------------------------------------------------
 
 
-def _require_pretrain(recipe: Recipe) -> None:
-    if recipe.model is None or recipe.pretrain is None:
-        raise ConfigError("recipe has no model or pretrain section; add both (see recipes/demo-nb.yaml)")
+def prepare_dir(recipe: Recipe) -> tuple[Path, dict]:
+    """The merged data_prep directory of a recipe and its inputs, without running anything."""
+    d, _, inputs = Pipeline(recipe).resolve("prepare")
+    return d, inputs
+
+
+def prepare(recipe: Recipe, force: bool = False) -> Path | None:
+    return Pipeline(recipe).ensure("prepare", force=force)
+
+
+def tokenizer(recipe: Recipe, force: bool = False) -> Path:
+    return Pipeline(recipe).ensure("tokenizer", force=force)
+
+
+def pretrain(recipe: Recipe, force: bool = False) -> Path:
+    return Pipeline(recipe).ensure("pretrain", force=force)
+
+
+def run_all(recipe: Recipe, force: bool = False) -> dict[str, Path | None]:
+    return Pipeline(recipe).run_all(force=force)
 
 
 def pretrain_dry_run(recipe: Recipe, world_size: int | None = None) -> dict:
@@ -138,7 +252,7 @@ def pretrain_dry_run(recipe: Recipe, world_size: int | None = None) -> dict:
     from kompakt import dist
     from kompakt.pretrain import stage as pretrain_stage
 
-    _require_pretrain(recipe)
+    Pipeline(recipe).stage("pretrain")
     vocab = recipe.model.vocab_size or (recipe.tokenizer.vocab_size_rounded if recipe.tokenizer else None)
     if vocab is None:
         raise ConfigError("set model.vocab_size or a tokenizer section so --dry-run knows the vocabulary")
@@ -147,44 +261,3 @@ def pretrain_dry_run(recipe: Recipe, world_size: int | None = None) -> dict:
                                      num_words)
     pretrain_stage.print_dry_run(figures)
     return figures
-
-
-def pretrain(recipe: Recipe, force: bool = False) -> Path:
-    """pretrain: token shards -> `pretrain-<hash>/` with checkpoints/, metrics.jsonl, tb/ and export/.
-
-    Unlike the other stages the directory is used in place (checkpoints survive kills and requeues);
-    `manifest.json` with `complete: true` appears only after the export. Several processes (torchrun,
-    srun, deepspeed) need the tokenizer stage complete beforehand: run `kompakt tokenizer` first.
-    """
-    from kompakt import dist
-    from kompakt.pretrain import stage as pretrain_stage
-
-    _require_pretrain(recipe)
-    world = dist.detect().world_size
-    if world > 1:
-        tok_dir = tokenizer_dir(recipe, prepare_dir(recipe)[0])[0] if recipe.tokenizer else None
-        if tok_dir is None or not is_complete(tok_dir):
-            raise ConfigError("the tokenizer stage is not complete; run `kompakt tokenizer RECIPE` in one process "
-                              "before launching pretraining on several")
-    else:
-        tok_dir = tokenizer(recipe)
-    d, config, inputs = pretrain_dir(recipe, tok_dir)
-    if not force and is_complete(d):
-        info(f"pretrain: complete, skipped ({d})")
-        return d
-    info(f"pretrain: {d}")
-    return pretrain_stage.run(recipe.model, recipe.pretrain, tok_dir, d, stage_hash=d.name.rsplit("-", 1)[1],
-                              inputs=inputs, recipe_name=recipe.name)
-
-
-# The order `kompakt run` follows; a stage runs when its recipe section is present.
-STAGES = [("prepare", "data", prepare), ("tokenizer", "tokenizer", tokenizer), ("pretrain", "pretrain", pretrain)]
-
-
-def run_all(recipe: Recipe, force: bool = False) -> dict[str, Path | None]:
-    """Run every stage the recipe has, in order; complete stages are skipped."""
-    out = {}
-    for name, section, fn in STAGES:
-        if getattr(recipe, section, None) is not None:
-            out[name] = fn(recipe, force=force)
-    return out

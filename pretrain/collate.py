@@ -54,15 +54,16 @@ def _shifted(parts: list[np.ndarray], starts: np.ndarray) -> np.ndarray:
     return np.concatenate([p + s for p, s in zip(parts, starts[:-1].tolist())]).astype(np.int64)
 
 
-def collate_examples(examples: list[Example], cfg: ObjectiveConfig, specials: SpecialIds, seed: int) -> dict:
+def collate_examples(examples: list[Example], cfg: ObjectiveConfig, specials: SpecialIds, seed: int,
+                     lexicon=None) -> dict:
     """Mask every example (by its own sample index) and pack them into one micro-batch.
 
     For `cfg.masking == "msp"` this calls `kompakt.pretrain.lattice.collate_msp(examples, cfg,
-    specials, seed)`, which the Lattice-BERT code provides and which must also be a pure function
-    of (seed, example.index).
+    specials, seed, lexicon)`, which the Lattice-BERT code provides and which must also be a pure
+    function of (seed, example.index); `lexicon` is the run's word lexicon (see MLMCollator).
     """
     if cfg.masking == "msp":
-        return _lattice_collator()(examples, cfg, specials, seed)
+        return _lattice_collator()(examples, cfg, specials, seed, lexicon=lexicon)
     return collate([mask_example(ex, cfg, specials, seed) for ex in examples])
 
 

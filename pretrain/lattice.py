@@ -316,7 +316,18 @@ def load_run_lexicon(lexicon_path: str | Path, char_vocab: Mapping[str, int], vo
 
 
 def install_run_lexicon(tokenizer_dir: str | Path, model_cfg: ModelConfig) -> Lexicon:
-    """Load a tokenization run's lexicon for model.family=lattice and make it `collate_msp`'s default.
+    """`load_tokenizer_lexicon`, also made `collate_msp`'s default for direct calls without a lexicon.
+
+    Training never relies on the default: its collator (pretrain/data.py MLMCollator) passes the
+    lexicon explicitly in every process that builds batches.
+    """
+    lexicon = load_tokenizer_lexicon(tokenizer_dir, model_cfg)
+    use_lexicon(lexicon)
+    return lexicon
+
+
+def load_tokenizer_lexicon(tokenizer_dir: str | Path, model_cfg: ModelConfig) -> Lexicon:
+    """Load a tokenization run's lexicon for model.family=lattice.
 
     Reads `tokenizer.json` (the character ids) and `lexicon.txt` from `tokenizer_dir`; word ids start
     at model.vocab_size, and model.lattice.num_words must cover the lexicon. Returns the lexicon.
@@ -332,10 +343,8 @@ def install_run_lexicon(tokenizer_dir: str | Path, model_cfg: ModelConfig) -> Le
     if model_cfg.vocab_size is not None and len(vocab) > model_cfg.vocab_size:
         raise ConfigError(f"{tok_dir / 'tokenizer.json'} has {len(vocab)} tokens but model.vocab_size="
                           f"{model_cfg.vocab_size}; word ids would collide with characters")
-    lexicon = load_run_lexicon(tok_dir / "lexicon.txt", vocab, model_cfg.vocab_size or len(vocab),
-                               model_cfg.lattice.max_word_len, model_cfg.lattice.num_words)
-    use_lexicon(lexicon)
-    return lexicon
+    return load_run_lexicon(tok_dir / "lexicon.txt", vocab, model_cfg.vocab_size or len(vocab),
+                            model_cfg.lattice.max_word_len, model_cfg.lattice.num_words)
 
 
 def collate_msp(examples: Sequence[Example], cfg: ObjectiveConfig, specials: SpecialIds, seed: int,

@@ -26,62 +26,8 @@ import numpy as np
 from kompakt.errors import KompaktError
 from kompakt.objective_config import ObjectiveConfig
 
-SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """Ids of the special tokens and of the tokens a random replacement may draw from."""
-
-    cls: int
-    sep: int
-    mask: int
-    pad: int
-    vocab_size: int
-    # Ids never drawn as random replacements ([UNK] and every other special as well).
-    excluded: tuple[int, ...] = ()
-    replacement_ids: np.ndarray = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        banned = {self.cls, self.sep, self.mask, self.pad, *self.excluded}
-        ids = np.setdiff1d(np.arange(self.vocab_size, dtype=np.int64), np.fromiter(banned, dtype=np.int64))
-        object.__setattr__(self, "replacement_ids", ids)
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer) -> SpecialIds:
-        """Read the ids from a `tokenizers.Tokenizer` or a Hugging Face fast tokenizer.
-
-        ALBERT-style tokenizers may name them `[CLS]`/`[SEP]`/`[MASK]`/`<pad>`; both spellings work.
-        """
-        lookup = getattr(tokenizer, "token_to_id", None)
-        if lookup is None:  # transformers tokenizer
-            vocab = tokenizer.get_vocab()
-            lookup = vocab.get
-            size = len(vocab)
-        else:
-            size = tokenizer.get_vocab_size(with_added_tokens=True)
-
-        def find(*names: str) -> int:
-            for name in names:
-                i = lookup(name)
-                if i is not None:
-                    return int(i)
-            raise KompaktError(f"tokenizer has none of the special tokens {names}; train it with the "
-                               f"model family's special tokens (tokenizer.family in the recipe)")
-
-        unk = [i for i in (lookup("[UNK]"), lookup("<unk>")) if i is not None]
-        return cls(cls=find("[CLS]", "<cls>"), sep=find("[SEP]", "<sep>"), mask=find("[MASK]", "<mask>"),
-                   pad=find("[PAD]", "<pad>"), vocab_size=size, excluded=tuple(int(i) for i in unk))
-
-
-@dataclass
-class Example:
-    """One raw training example: consecutive real tokens of one document (no specials)."""
-
-    index: int                 # sample index: seeds this example's randomness
-    tokens: np.ndarray         # (n,) token ids
-    word_starts: np.ndarray    # (n,) 1 where a token begins a word
-    sent_starts: np.ndarray    # sentence starts inside the example, real indices in (0, n)
+from kompakt.packed import Example  # noqa: F401  (re-exported: the masking code's input)
+from kompakt.tokenizer import SPECIAL_TOKENS, SpecialIds  # noqa: F401
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The pretrain stage: packed token shards -> DeepSpeed training -> checkpoints -> HF export.
 
-Reads top to bottom: distributed setup, tokenizer and shards, a held-out split of the examples,
-model, engine, resume, the loop (pretrain/loop.py), export, manifest.
+Reads top to bottom: distributed setup, tokenizer and shards, the held-out documents (the tokenizer
+stage's `heldout/` shards, never trained on), model, engine, resume (refused when the tokenizer's
+content changed under the checkpoint), the shared loop (kompakt/loop.py), export (kompakt/export.py),
+manifest.
 
 The stage directory `<run_dir>/pretrain-<hash>/` is used in place, not built in a temporary
 directory and renamed like the other stages: a long run keeps its checkpoints across kills and
@@ -22,12 +24,15 @@ import torch
 from kompakt import checkpoint, dist
 from kompakt.engine import build_engine, init_distributed
 from kompakt.errors import ConfigError, DataError
+from kompakt.export import export_checkpoint, load_weights  # noqa: F401  (`kompakt export`, older callers)
 from kompakt.log import info, table, warn
+from kompakt.loop import REQUEUE_EXIT, StopFlag
 from kompakt.model_config import ModelConfig, check_vocab
 from kompakt.pretrain_config import PretrainConfig
-from kompakt.runs import RESOLVED_CONFIG, package_versions, read_manifest, write_json_atomic
+from kompakt.runs import RESOLVED_CONFIG, package_versions, write_json_atomic
+from kompakt.tokenizer import SpecialIds, load_tokenizer
 
-# Every HELDOUT_EVERY-th example (by example id) is held out for the evaluation loss: 1%.
+# Tokenizer stages without heldout/ shards: every HELDOUT_EVERY-th document is held out (1%).
 HELDOUT_EVERY = 100
 
 # Dense bf16 tensor-core peak FLOP/s per GPU (vendor data sheets), matched against the device name.
@@ -50,24 +55,24 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def load_tokenizer(tokenizer_dir: Path):
-    """The fast tokenizer the tokenization stage saved (`tokenizer.json`)."""
-    from tokenizers import Tokenizer
+def heldout_by_document(shards, examples):
+    """(training, held-out) examples of one shard set, held out by whole document.
 
-    path = tokenizer_dir / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; re-run `kompakt tokenizer` for this recipe")
-    return Tokenizer.from_file(str(path))
-
-
-def split_heldout(examples):
-    """(training, held-out) example indexes: every HELDOUT_EVERY-th example id is held out."""
+    For tokenizer stages written before held-out documents got their own `heldout/` shards: every
+    HELDOUT_EVERY-th document (by global document number) is held out with all its examples, so no
+    held-out example shares a document with a training one. At least one document is held out.
+    """
     from kompakt.pretrain.data import ExampleIndex
 
-    ids = np.arange(len(examples))
-    held = ids % HELDOUT_EVERY == HELDOUT_EVERY - 1
-    if held.sum() == 0:
-        held[-1:] = True
+    doc_of = np.empty(len(examples), dtype=np.int64)
+    for k, shard in enumerate(shards.shards):
+        rows = np.flatnonzero(examples.shard == k)
+        local = np.searchsorted(shard.doc_offsets, examples.start[rows], side="right") - 1
+        doc_of[rows] = local + int(shards.doc_starts[k])
+    held_docs = np.flatnonzero(np.arange(shards.num_docs) % HELDOUT_EVERY == HELDOUT_EVERY - 1)
+    if len(held_docs) == 0 and shards.num_docs > 1:
+        held_docs = np.array([shards.num_docs - 1])
+    held = np.isin(doc_of, held_docs)
 
     def take(mask):
         return ExampleIndex(shard=examples.shard[mask], start=examples.start[mask], length=examples.length[mask])
@@ -75,96 +80,59 @@ def split_heldout(examples):
     return take(~held), take(held)
 
 
-def model_card(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_dir: Path, state: dict) -> str:
-    """README.md of the exported folder: what was trained on what, for how long, with which result."""
-    losses = state.get("final_losses") or {}
-    # The card is published: name the stage by its hash, not by this machine's path.
-    tok_stage = Path(state.get("tokenizer_stage", tokenizer_dir.parent))
-    counts = (read_manifest(tok_stage) or {}).get("counts", {})
-    data = f"{counts.get('num_docs', 0):,} documents, {counts.get('num_tokens', 0):,} tokens (stage `{tok_stage.name}`)"
-    loss_lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(losses.items())) or "| - | - |"
-    return f"""---
-library_name: transformers
-tags: [kompakt, {model_cfg.family}, fill-mask]
----
-# {state.get('recipe', 'kompakt')} ({model_cfg.family})
-
-A compact {model_cfg.family} encoder pretrained with kompakt.
-
-| | |
-|---|---|
-| data | {data} |
-| tokenizer | `{tokenizer_dir.name}` ({state.get('vocab_size')} tokens) |
-| objective | {cfg.objective.masking} masking, rate {cfg.objective.mask_rate}{', SOP' if cfg.objective.sop else ''}, sequences of {cfg.objective.max_seq_len} tokens |
-| size | {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, {model_cfg.num_heads} heads, {state.get('num_params', 0):,} parameters |
-| optimizer | {cfg.optim.name}, lr {cfg.optim.lr}, {cfg.schedule.kind} schedule with {cfg.schedule.warmup_steps} warmup steps |
-| steps | {state['step']:,} |
-| tokens seen | {state['tokens_seen']:,} |
-
-Final training losses (mean of the last logging interval):
-
-| objective | loss |
-|---|---|
-{loss_lines}
-
-Held-out MLM loss: {state.get('eval_loss', 'n/a')}
-
-Load with `transformers.AutoModelForMaskedLM.from_pretrained(path)`.
-"""
+def content_digests(tokenizer_stage: Path) -> dict[str, str]:
+    """Digests of what a checkpoint's ids mean: the tokenizer and the shard indexes (one read each)."""
+    out = {"tokenizer.json": checkpoint.file_digest(tokenizer_stage / "tokenizer" / "tokenizer.json"),
+           "tokens/index.json": checkpoint.file_digest(tokenizer_stage / "tokens" / "index.json")}
+    if (tokenizer_stage / "heldout" / "index.json").is_file():
+        out["heldout/index.json"] = checkpoint.file_digest(tokenizer_stage / "heldout" / "index.json")
+    return out
 
 
-def load_weights(tag_dir: Path, model: torch.nn.Module) -> None:
-    """Whole fp32 weights of a checkpoint into `model`: `model.safetensors` (ZeRO 0), `consolidated.pt`
-    (ZeRO 1-2) or DeepSpeed's zero_to_fp32 (ZeRO 3)."""
-    if (tag_dir / checkpoint.CONSOLIDATED).is_file():
-        state = torch.load(tag_dir / checkpoint.CONSOLIDATED, weights_only=True)["params"]
-    elif (tag_dir / checkpoint.WEIGHTS).is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(tag_dir / checkpoint.WEIGHTS))
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    params = {n for n, _ in model.named_parameters()}
-    missing = [k for k in missing if k in params]
-    if missing or unexpected:
-        raise DataError(f"{tag_dir}: weights do not fit the model of its train_state.json "
-                        f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+def check_digests(saved: dict | None, now: dict[str, str], tag: Path, tokenizer_stage: Path) -> None:
+    """Refuse to resume a checkpoint trained on other token ids than the tokenizer stage holds now."""
+    if not saved:
+        return  # a checkpoint from before digests were recorded
+    changed = sorted(k for k in now if k in saved and saved[k] != now[k])
+    if changed:
+        raise DataError(f"{tokenizer_stage}: {', '.join(changed)} changed since {tag} was trained on it (was the "
+                        f"tokenizer retrained with --force?); the checkpoint's ids would be remapped. Restore the "
+                        f"tokenizer stage, or move {tag.parent.parent} aside to pretrain from scratch")
 
 
-def export_checkpoint(tag_dir: Path, out_dir: Path) -> Path:
-    """`kompakt export`: a complete checkpoint -> a Hugging Face folder with tokenizer and model card."""
-    from kompakt import hf
-    from kompakt.models import build_pretraining_model
-
-    tag_dir = Path(tag_dir)
-    state = checkpoint.read_train_state(tag_dir)
-    model_cfg = ModelConfig.model_validate(state["model"])
-    cfg = PretrainConfig.model_validate(state["pretrain"])
-    tokenizer_dir = Path(state["tokenizer_dir"])
-    model = build_pretraining_model(model_cfg)
-    load_weights(tag_dir, model)
-    card = model_card(model_cfg, cfg, tokenizer_dir, state)
-    if model_cfg.family == "lattice":
-        from kompakt import hf_lattice
-
-        return hf_lattice.export(model.eval(), out_dir, tokenizer_dir=tokenizer_dir, model_card=card)
-    return hf.export(model.eval(), out_dir, tokenizer_dir=tokenizer_dir, model_card=card)
+def card_rows(cfg: PretrainConfig) -> list[tuple[str, str]]:
+    """The pretraining rows of the model card."""
+    o = cfg.objective
+    return [("objective", f"{o.masking} masking, rate {o.mask_rate}{', SOP' if o.sop else ''}, "
+                          f"sequences of {o.max_seq_len} tokens"),
+            ("optimizer", f"{cfg.optim.name}, lr {cfg.optim.lr}, {cfg.schedule.kind} schedule with "
+                          f"{cfg.schedule.warmup_steps} warmup steps")]
 
 
 def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stage_dir: Path, *,
-        stage_hash: str, inputs: dict, recipe_name: str) -> Path:
+        stage_hash: str, inputs: dict, recipe_name: str, release: dict | None = None) -> Path:
     """Train (or continue training) into `stage_dir`; returns it once the export and manifest are written.
 
-    Exits with `loop.REQUEUE_EXIT` after saving when SIGTERM/SIGUSR1 or the time limit stopped it.
+    Exits with `REQUEUE_EXIT` after saving when SIGTERM/SIGUSR1, the time limit or a dead launcher
+    stopped it, also when the signal comes during start-up, the final evaluation or before the export.
     """
+    with StopFlag() as stop:
+        return _run(model_cfg, cfg, tokenizer_stage, stage_dir, stage_hash=stage_hash, inputs=inputs,
+                    recipe_name=recipe_name, release=release, stop=stop)
+
+
+def _requeue(why: str) -> None:
+    info(f"pretrain: {why}; exit {REQUEUE_EXIT} so the job can be requeued (resume: auto continues)")
+    sys.exit(REQUEUE_EXIT)
+
+
+def _run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stage_dir: Path, *,
+         stage_hash: str, inputs: dict, recipe_name: str, release: dict | None, stop: StopFlag) -> Path:
     from kompakt.models import build_pretraining_model
     from kompakt.models.flops import flops_per_token, seq_lens_from_cu
-    from kompakt.pretrain.data import PackedLoader, build_examples
-    from kompakt.pretrain.loop import REQUEUE_EXIT, train
-    from kompakt.pretrain.masking import SpecialIds, describe_sample
+    from kompakt.pretrain.data import MLMCollator, PackedLoader, build_examples, layout
+    from kompakt.pretrain.loop import train
+    from kompakt.pretrain.masking import describe_sample
     from kompakt.shards import TokenShards
 
     t0 = time.perf_counter()
@@ -177,13 +145,14 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
                                                         "pretrain": cfg.model_dump(mode="json")})
     dist.barrier()
 
-    # --- tokenizer, shards, examples (1% held out)
+    # --- tokenizer, shards, examples; held-out documents from the tokenizer stage's heldout/ shards
     tokenizer_dir = tokenizer_stage / "tokenizer"
     tok = load_tokenizer(tokenizer_dir)
     specials = SpecialIds.from_tokenizer(tok)
     model_cfg = check_vocab(model_cfg, specials.vocab_size, str(tokenizer_dir))
+    lexicon_from = None
     if model_cfg.family == "lattice":
-        from kompakt.pretrain.lattice import LatticeTokens, install_run_lexicon, read_lexicon
+        from kompakt.pretrain.lattice import LatticeTokens, read_lexicon
 
         lexicon = tokenizer_dir / "lexicon.txt"
         if not lexicon.is_file():
@@ -193,69 +162,87 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
         if model_cfg.lattice.num_words == 0:
             lattice = model_cfg.lattice.model_copy(update={"num_words": len(words)})
             model_cfg = model_cfg.model_copy(update={"lattice": lattice})
-        # collate_msp matches words with this lexicon; installed before the loaders so that
-        # their fork-started workers inherit it.
-        install_run_lexicon(tokenizer_dir, model_cfg)
+        # The collator reads the lexicon itself in whichever process builds batches (fork or spawn).
+        lexicon_from = (tokenizer_dir, model_cfg)
         # The logged sample names word ids by their text instead of None.
         sample_tok = LatticeTokens(tok, words, model_cfg.vocab_size)
     else:
         sample_tok = tok
+    digests = content_digests(tokenizer_stage)
     shards = TokenShards(tokenizer_stage / "tokens")
-    examples = build_examples(shards, cfg.objective.max_seq_len - cfg.objective.num_specials,
-                              2 if cfg.objective.sop else 1)
-    train_examples, heldout_examples = split_heldout(examples)
-    loader = PackedLoader(shards, cfg.objective, cfg.data, specials, env.rank, env.world_size, train_examples)
+    lay = layout(cfg.objective)
+    examples = build_examples(shards, lay.max_tokens, lay.min_tokens)
+    heldout_dir = tokenizer_stage / "heldout"
+    if (heldout_dir / "index.json").is_file():
+        heldout_shards = TokenShards(heldout_dir)
+        train_examples = examples
+        heldout_examples = build_examples(heldout_shards, lay.max_tokens, lay.min_tokens)
+    else:
+        heldout_shards = shards
+        train_examples, heldout_examples = heldout_by_document(shards, examples)
+    if len(heldout_examples) == 0:
+        raise DataError(f"{tokenizer_stage}: no held-out documents to evaluate on; raise tokenizer.heldout_fraction")
+    collator = MLMCollator(cfg.objective, specials, cfg.data.seed, lexicon_from)
+    loader = PackedLoader(shards, cfg.objective, cfg.data, specials, env.rank, env.world_size, train_examples,
+                          prefetch=cfg.run.prefetch, num_workers=cfg.run.num_workers, collator=collator)
     steps = loader.steps_info()
     # The held-out batches are built once, up front: no prefetch thread, no worker pool left idle.
-    heldout_data = cfg.data.model_copy(update={"prefetch": 0, "num_workers": 0})
-    heldout = PackedLoader(shards, cfg.objective, heldout_data, specials, env.rank, env.world_size, heldout_examples)
+    heldout = PackedLoader(heldout_shards, cfg.objective, cfg.data, specials, env.rank, env.world_size,
+                           heldout_examples, prefetch=0, num_workers=0, collator=collator)
     heldout_iter = iter(heldout)
-    eval_batches = [next(heldout_iter) for _ in range(cfg.eval_batches)]
+    eval_batches = [next(heldout_iter) for _ in range(cfg.run.eval_batches)]
 
     # --- model and engine
     checkpoint.seed_everything(cfg.seed)
     model = build_pretraining_model(model_cfg)
     num_params = sum(p.numel() for p in model.parameters())
     engine, engine_info = build_engine(model, cfg, env, steps.grad_accum_steps)
-    if cfg.compile:
+    if cfg.engine.compile:
         engine.compile()
     sample = eval_batches[0]
     fpt = flops_per_token(model_cfg, seq_lens_from_cu(sample["cu_seqlens"]), int(sample["mlm_positions"].numel()))
     table("pretrain", ["", "value"], [
         ("parameters", num_params), ("processes", env.world_size), ("device", str(engine_info.device)),
-        ("precision", engine_info.precision), ("ZeRO stage", cfg.zero_stage),
+        ("precision", engine_info.precision), ("ZeRO stage", cfg.engine.zero_stage),
         ("training examples", len(train_examples)), ("held-out examples", len(heldout_examples)),
         ("tokens per micro-batch (mean)", round(steps.mean_tokens_per_micro_batch)),
-        ("accumulation steps", steps.grad_accum_steps), ("tokens per step", round(steps.tokens_per_step)),
+        ("accumulation steps", engine_info.accumulation_steps), ("tokens per step", round(steps.tokens_per_step)),
         ("steps per epoch", round(steps.steps_per_epoch, 2)), ("FLOPs per token", f"{fpt:.3g}"),
     ]) if env.is_main else None
 
     # --- resume
-    tag = checkpoint.resolve_resume(cfg.resume, ckpt_root)
-    if cfg.resume == "never" and checkpoint.newest_complete(ckpt_root) is not None:
-        raise ConfigError(f"pretrain.resume=never but {ckpt_root} holds checkpoints; use resume=auto to continue "
+    tag = checkpoint.resolve_resume(cfg.run.resume, ckpt_root)
+    if cfg.run.resume == "never" and checkpoint.newest_complete(ckpt_root) is not None:
+        raise ConfigError(f"pretrain.run.resume=never but {ckpt_root} holds checkpoints; use resume=auto to continue "
                           f"or delete {stage_dir} to start over")
     start = None
     if tag is not None:
-        start, loader_state = checkpoint.load(engine, tag, cfg.zero_stage, cfg.seed)
+        check_digests(checkpoint.read_train_state(tag).get("digests"), digests, tag, tokenizer_stage)
+        start, loader_state = checkpoint.load(engine, tag, cfg.engine.zero_stage, cfg.seed)
+        start["checkpoint"] = str(tag)
         loader.load_state_dict(loader_state)
         info(f"pretrain: resumed from {tag} (step {start['step']:,}, {start['tokens_seen']:,} tokens)")
 
     # --- train
     extra = {"model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json"),
              "tokenizer_dir": str(tokenizer_dir.resolve()), "tokenizer_stage": str(tokenizer_stage.resolve()),
-             "recipe": recipe_name, "vocab_size": specials.vocab_size, "num_params": num_params}
+             "recipe": recipe_name, "vocab_size": specials.vocab_size, "num_params": num_params,
+             "digests": digests, "card": card_rows(cfg), "release": release or {}}
     result = train(engine, engine_info, cfg, loader, out_dir=stage_dir, ckpt_root=ckpt_root, start=start,
                    train_state_extra=extra, eval_batches=eval_batches, flops_per_token=fpt,
-                   peak_flops=peak_flops(engine_info.device), describe=lambda b: describe_sample(b, sample_tok))
+                   peak_flops=peak_flops(engine_info.device), describe=lambda b: describe_sample(b, sample_tok),
+                   stop=stop)
+    loader.close()
     if result.stopped != "done":
-        info(f"pretrain: stopped by {result.stopped} at step {result.step:,}; saved {result.checkpoint}; "
-             f"exit {REQUEUE_EXIT} so the job can be requeued (resume: auto continues)")
-        sys.exit(REQUEUE_EXIT)
+        where = f"saved {result.checkpoint}" if result.checkpoint else "nothing new to save"
+        _requeue(f"stopped by {result.stopped} at step {result.step:,}; {where}")
+    if dist.any_true(stop.requested):  # during the final evaluation: the checkpoint is whole, export later
+        _requeue(f"stopped by a signal after step {result.step:,} was saved, before the export")
 
     # --- export and manifest (rank 0)
     if env.is_main:
         final = result.checkpoint
+        assert final is not None, "a finished run has its final checkpoint"
         state = checkpoint.read_train_state(final)
         state.update(final_losses=result.last_losses, eval_loss=result.eval_loss)
         write_json_atomic(final / checkpoint.TRAIN_STATE, state)
@@ -264,9 +251,10 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
             "stage": "pretrain", "hash": stage_hash, "inputs": inputs,
             "config": {"model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json")},
             "versions": package_versions(), "host": platform.node(), "argv": sys.argv,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "digests": digests,
             "counts": {"steps": result.step, "tokens_seen": result.tokens_seen, "num_params": num_params,
-                       "num_skipped_steps": result.num_skipped, "world_size": env.world_size},
+                       "num_skipped_steps": result.num_skipped, "world_size": env.world_size,
+                       "num_train_examples": len(train_examples), "num_heldout_examples": len(heldout_examples)},
             "final_losses": result.last_losses, "eval_loss": result.eval_loss,
             "checkpoint": str(final), "timings": {"total_s": round(time.perf_counter() - t0, 2)},
             "complete": True,

@@ -15,22 +15,10 @@ from kompakt.model_config import ModelConfig
 
 
 def build_pretraining_model(cfg: ModelConfig) -> nn.Module:
-    """The pretraining model of `cfg.family`: bert -> MLM (NorBERT), albert -> MLM + SOP,
-    spanbert -> MLM + SBO, lattice -> Lattice-BERT (kompakt/models/lattice.py)."""
+    """The pretraining model of `cfg.family`, built by its registry entry (kompakt/families.py):
+    bert -> MLM (NorBERT), albert -> MLM + SOP, spanbert -> MLM + SBO, lattice -> Lattice-BERT."""
+    from kompakt import families
+
     if cfg.vocab_size is None:
         raise ValueError("model.vocab_size is unset; fill it from the tokenizer with kompakt.model_config.check_vocab")
-    if cfg.family == "bert":
-        from kompakt.models.bert import BertForMaskedLM
-
-        return BertForMaskedLM(cfg)
-    if cfg.family == "albert":
-        from kompakt.models.albert import AlbertForPreTraining
-
-        return AlbertForPreTraining(cfg)
-    if cfg.family == "spanbert":
-        from kompakt.models.bert import SpanBertForPreTraining
-
-        return SpanBertForPreTraining(cfg)
-    from kompakt.models import lattice
-
-    return lattice.build_lattice_model(cfg)
+    return families.get(cfg.family).resolve("build")(cfg)

@@ -77,9 +77,14 @@ def sequence_matmul_params(cfg: ModelConfig) -> int:
 
 
 def model_flops(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor, num_predictions: int) -> float:
-    """Training FLOPs (forward + backward) of one packed micro-batch; see the module docstring."""
-    if cfg.family == "lattice":
-        return lattice_model_flops(cfg, seq_lens, num_predictions)
+    """Training FLOPs (forward + backward) of one packed micro-batch, by the family's registered count."""
+    from kompakt import families
+
+    return families.get(cfg.family).resolve("flops")(cfg, seq_lens, num_predictions)
+
+
+def bert_model_flops(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor, num_predictions: int) -> float:
+    """BERT, ALBERT and SpanBERT: see the module docstring."""
     lens = torch.as_tensor(seq_lens, dtype=torch.float64)
     num_tokens, num_seqs = float(lens.sum()), lens.numel()
     # 4 D l FLOPs per token forward (QK^T and AV), times 3 with backward, summed over each sequence's l tokens.

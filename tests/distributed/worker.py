@@ -138,9 +138,9 @@ def main(argv: list[str]) -> int:
     ckpt_root = args.out / "checkpoints"
     loader = RoundRobinLoader(env.rank, env.world_size, args.pause_before_micro, args.out / f"paused-{env.rank}")
     start = None
-    tag = checkpoint.resolve_resume(cfg.resume, ckpt_root)
+    tag = checkpoint.resolve_resume(cfg.run.resume, ckpt_root)
     if tag is not None:
-        start, loader_state = checkpoint.load(engine, tag, cfg.zero_stage, cfg.seed)
+        start, loader_state = checkpoint.load(engine, tag, cfg.engine.zero_stage, cfg.seed)
         loader.load_state_dict(loader_state)
     result = train(engine, info, cfg, loader, out_dir=args.out, ckpt_root=ckpt_root, start=start)
     if env.rank == 0:

@@ -77,22 +77,16 @@ def main(family: str, out: Path) -> None:
     cfg = PretrainConfig.model_validate({
         "max_steps": 20, "seed": 5, "objective": objective,
         "data": {"tokens_per_micro_batch": 256, "global_batch_tokens": 512, "seed": 2},
-        "optim": {"name": "adamw", "lr": 5e-3, "weight_decay": 0.01, "grad_clip": 1.0},
+        "optim": {"name": "adamw", "lr": 5e-3, "weight_decay": 0.01},
         "schedule": {"kind": "linear", "warmup_steps": 4},
-        "engine": {"zero_stage": 0, "precision": "fp32"},
+        "engine": {"zero_stage": 0, "precision": "fp32", "grad_clip": 1.0},
         "run": {"log_every": 1, "save_every": 1000, "resume": "never", "prefetch": 0},
-    }) if "--new" in sys.argv else PretrainConfig.model_validate({
-        "max_steps": 20, "seed": 5, "objective": objective,
-        "data": {"tokens_per_micro_batch": 256, "global_batch_tokens": 512, "seed": 2, "prefetch": 0},
-        "optim": {"name": "adamw", "lr": 5e-3, "weight_decay": 0.01, "grad_clip": 1.0},
-        "schedule": {"kind": "linear", "warmup_steps": 4},
-        "zero_stage": 0, "precision": "fp32", "log_every": 1, "save_every": 1000, "resume": "never",
     })
     env = setup_env()
     init_distributed(env)
     shards = TokenShards(out / "tokens")
     specials = SpecialIds.from_tokenizer(tokenizer())
-    loader = PackedLoader(shards, cfg.objective, cfg.data, specials, env.rank, env.world_size)
+    loader = PackedLoader(shards, cfg.objective, cfg.data, specials, env.rank, env.world_size, prefetch=0)
     checkpoint.seed_everything(cfg.seed)
     engine, info = build_engine(build_pretraining_model(model_cfg), cfg, env, loader.steps_info().grad_accum_steps)
     train(engine, info, cfg, loader, out_dir=out, ckpt_root=out / "checkpoints")

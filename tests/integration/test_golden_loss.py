@@ -24,7 +24,7 @@ def test_training_reproduces_the_recorded_losses(family, tmp_path, repo):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, str(GOLDEN / "worker.py"), family, str(tmp_path / "run"), "--new"],
+    proc = subprocess.run([sys.executable, str(GOLDEN / "worker.py"), family, str(tmp_path / "run")],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -169,7 +169,9 @@ def test_lattice_pipeline_end_to_end(tmp_path, capfd):
     assert all(math.isfinite(v) for v in pre_manifest["final_losses"].values())
 
     # export: stock AutoModel once kompakt is imported, no remote code; a padded batch gives finite states.
-    import kompakt  # noqa: F401  (registers model_type lattice-bert)
+    import kompakt
+
+    kompakt.register_hf()  # model_type lattice-bert
     from tokenizers import Tokenizer
     from transformers import AutoModel
 

@@ -1,4 +1,4 @@
-"""Lattice-BERT export: packed model -> HF folder -> AutoModel after `import kompakt`, same outputs."""
+"""Lattice-BERT export: packed model -> HF folder -> AutoModel after `kompakt.register_hf()`, same outputs."""
 
 import json
 import subprocess
@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
-import kompakt  # noqa: F401  (registers "lattice-bert" with the Auto classes)
+import kompakt
+
+kompakt.register_hf()  # "lattice-bert" with the Auto classes
 from kompakt import hf_lattice
 from kompakt.errors import DataError
 from kompakt.model_config import ModelConfig
@@ -115,11 +117,12 @@ def test_export_needs_the_lexicon(tmp_path, lattice_inputs):
     assert not (tmp_path / "export").exists()
 
 
-def test_fresh_process_loads_after_import_kompakt(tmp_path, lattice_inputs):
+def test_fresh_process_loads_after_register_hf(tmp_path, lattice_inputs):
     cfg, _ = lattice_inputs
     out = hf_lattice.export(randomised(cfg), tmp_path / "export")
     code = ("import kompakt, sys\n"
-            "assert 'transformers' not in sys.modules  # registration waits for transformers' import\n"
+            "assert 'transformers' not in sys.modules  # import kompakt stays cheap: no hook, no import\n"
+            "kompakt.register_hf()\n"
             "from transformers import AutoModel\n"
             f"m = AutoModel.from_pretrained({str(out)!r})\n"
             "print(type(m).__name__)\n")

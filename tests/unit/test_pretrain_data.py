@@ -16,7 +16,7 @@ from kompakt.pretrain.data import PackedLoader, build_examples, cut_micro_batche
 from kompakt.pretrain.masking import SpecialIds
 
 OBJECTIVE = ObjectiveConfig(masking="span", sop=True, max_seq_len=64)
-DATA = DataLoaderConfig(tokens_per_micro_batch=600, global_batch_tokens=4800, seed=3, prefetch=0)
+DATA = DataLoaderConfig(tokens_per_micro_batch=600, global_batch_tokens=4800, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,10 @@ def demo(tmp_path_factory, demo_docs):
 
 def loader(demo, rank=0, world_size=1, **data):
     shards, sp, examples = demo
-    return PackedLoader(shards, OBJECTIVE, DATA.model_copy(update=data), sp, rank, world_size, examples)
+    # Prefetch and workers are run control (pretrain.run), not data: they change no batch.
+    run = {k: data.pop(k) for k in ("prefetch", "num_workers") if k in data}
+    return PackedLoader(shards, OBJECTIVE, DATA.model_copy(update=data), sp, rank, world_size, examples,
+                        prefetch=run.get("prefetch", 0), **({"num_workers": run["num_workers"]} if "num_workers" in run else {}))
 
 
 def same_batch(a, b):
