@@ -93,6 +93,7 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+        _PAUSED_SIGNAL.append(signum)
 
     def parent_died(self) -> bool:
         return self._parent is not None and os.getppid() != self._parent
@@ -104,6 +105,22 @@ class StopFlag:
     def __exit__(self, *exc) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)
+
+
+def test_hook(point: str) -> None:
+    """Tests' kill points: KOMPAKT_TEST_KILL_AT=point SIGKILLs here, KOMPAKT_TEST_PAUSE_AT=point writes
+    `$KOMPAKT_TEST_FLAG` and waits here for a signal (the stage's StopFlag records it)."""
+    if os.environ.get("KOMPAKT_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("KOMPAKT_TEST_PAUSE_AT") == point:
+        Path(os.environ["KOMPAKT_TEST_FLAG"]).write_text(point)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _PAUSED_SIGNAL:
+            time.sleep(0.05)
+
+
+# Set by StopFlag's handler, so a paused test hook returns as soon as the signal arrived.
+_PAUSED_SIGNAL: list[int] = []
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -227,6 +244,7 @@ def train_loop(engine: TrainEngine, section: TrainSection, loader, *, out_dir: P
             if is_main:
                 metrics_file.write(json.dumps({"step": 0, "eval_loss": eval_loss}) + "\n")
                 metrics_file.flush()
+            test_hook("after_step0_eval")
         while step < section.max_steps:
             # --- one optimizer step: accum micro-batches, then one agreement, then update or skip
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -271,6 +289,8 @@ def train_loop(engine: TrainEngine, section: TrainSection, loader, *, out_dir: P
                 engine.step()
                 nonfinite_in_a_row = 0
             step += 1
+            if os.environ.get("KOMPAKT_TEST_SIGTERM_AT_STEP") == str(step):
+                os.kill(os.getpid(), signal.SIGTERM)  # test hook: Slurm's warning arriving during this step
             tokens_seen += global_tokens
             interval["tokens"] += global_tokens
             timed_tokens += global_tokens

@@ -26,7 +26,7 @@ from kompakt.engine import build_engine, init_distributed
 from kompakt.errors import ConfigError, DataError
 from kompakt.export import export_checkpoint, load_weights  # noqa: F401  (`kompakt export`, older callers)
 from kompakt.log import info, table, warn
-from kompakt.loop import REQUEUE_EXIT, StopFlag
+from kompakt.loop import REQUEUE_EXIT, StopFlag, test_hook
 from kompakt.model_config import ModelConfig, check_vocab
 from kompakt.pretrain_config import PretrainConfig
 from kompakt.runs import RESOLVED_CONFIG, package_versions, write_json_atomic
@@ -136,6 +136,7 @@ def _run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, sta
     from kompakt.shards import TokenShards
 
     t0 = time.perf_counter()
+    test_hook("startup")
     env = dist.setup_env()
     init_distributed(env)
     ckpt_root = stage_dir / "checkpoints"
@@ -236,6 +237,7 @@ def _run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, sta
     if result.stopped != "done":
         where = f"saved {result.checkpoint}" if result.checkpoint else "nothing new to save"
         _requeue(f"stopped by {result.stopped} at step {result.step:,}; {where}")
+    test_hook("before_export")
     if dist.any_true(stop.requested):  # during the final evaluation: the checkpoint is whole, export later
         _requeue(f"stopped by a signal after step {result.step:,} was saved, before the export")
 
