@@ -3,8 +3,9 @@
 `build_engine(model, section, dist_env)` builds the optimizer, the learning-rate schedule and the
 DeepSpeed config from a training section's own subsections (`optim`, `schedule`, `engine`; see
 kompakt/train_config.py; there is no hand-written DeepSpeed JSON) and returns a `TrainEngine`.
-Every training stage uses it. DeepSpeed's private attributes are touched here and in
-kompakt/checkpoint.py only, behind named methods such as `TrainEngine.skip_step`.
+Every training stage uses it. DeepSpeed's private attributes are touched here, in
+kompakt/checkpoint.py and in kompakt/ds_ops.py (start-up: op builds and their locks) only, behind
+named functions such as `TrainEngine.skip_step`.
 
 Loss scaling and averaging. One micro-batch is one packed stream of about
 `tokens_per_micro_batch` tokens; the model returns the mean loss over that micro-batch's predicted
@@ -165,6 +166,10 @@ def init_distributed(dist_env: DistEnv) -> None:
     """Start torch.distributed through DeepSpeed: gloo on CPU (also for one process), NCCL on GPU."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from kompakt.ds_ops import prepare_deepspeed
+
+    # No JIT build of the CPU shm comm op (gloo trains without it) and no hang on a dead build's lock.
+    prepare_deepspeed()
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"

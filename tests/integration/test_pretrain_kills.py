@@ -167,3 +167,39 @@ def test_resume_refuses_a_tokenizer_that_changed_under_the_checkpoint(tok, tmp_p
     path.write_text(json.dumps(data))
     err = run(mine, out, {"max_steps": 12}, expect=2)
     assert "tokenizer.json changed since" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.distributed
+def test_case9_workers_of_a_killed_torchrun_save_and_exit(tok, tmp_path):
+    """SIGKILL of the torchrun launcher: its two workers notice their parent is gone at the next step
+    boundary, save a checkpoint together and exit, instead of training on as orphans."""
+    import psutil
+
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = subprocess.Popen([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                                 str(WORKER), str(tok), str(out), json.dumps({"max_steps": 100000,
+                                                                                "run": {"log_every": 1}})],
+                                env=_env(DS_ACCELERATOR="cpu"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.1)
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    assert len(workers) >= 2
+    launcher.kill()
+    launcher.wait(timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=90)
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} worker(s) kept running after their launcher died"
+    assert list((out / "checkpoints").glob("step-*")), "the workers did not save before exiting"
+
+
+def _free_port() -> int:
+    from kompakt.dist import free_port
+
+    return free_port()

@@ -21,13 +21,15 @@ from kompakt.ds_ops import SHM_COMM_OP, clear_stale_extension_locks
 # What kompakt's engine does at start-up: init_distributed, then initialize on a (tiny) model.
 START = textwrap.dedent("""
     import sys, torch
-    if sys.argv[1] == "prepared":
-        from kompakt.ds_ops import prepare_deepspeed
-        prepare_deepspeed()
-    import deepspeed
     print("init_distributed", flush=True)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False, rank=0,
-                               world_size=1)
+    if sys.argv[1] == "prepared":  # kompakt's own start-up path
+        from kompakt.dist import setup_env
+        from kompakt.engine import init_distributed
+        init_distributed(setup_env())
+    import deepspeed
+    if sys.argv[1] != "prepared":
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False, rank=0,
+                                   world_size=1)
     model = torch.nn.Linear(8, 8)
     config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1, "steps_per_print": 2**31 - 1}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
@@ -70,6 +72,7 @@ def _killed_build_lock(ext_dir, env, op=SHM_COMM_OP):
     return lock
 
 
+@pytest.mark.slow  # waits out a deliberate 60 s hang
 def test_stale_lock_hangs_an_unprepared_start(tmp_path):
     """The hazard is real: without prepare_deepspeed the start waits on the dead build's lock."""
     env = _env(tmp_path / "ext")
