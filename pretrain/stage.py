@@ -117,7 +117,7 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
     stopped it, also when the signal comes during start-up, the final evaluation or before the export.
     """
     with StopFlag() as stop:
-        return _run(model_cfg, cfg, tokenizer_stage, stage_dir, stage_hash=stage_hash, inputs=inputs,
+        return _run(model_cfg, cfg, Path(tokenizer_stage), Path(stage_dir), stage_hash=stage_hash, inputs=inputs,
                     recipe_name=recipe_name, release=release, stop=stop)
 
 
