@@ -198,16 +198,17 @@ class StepsInfo:
 
 
 def steps_info(shards: TokenShards, layout: ExampleLayout, data: DataLoaderConfig, world_size: int,
-               examples: ExampleIndex | None = None) -> StepsInfo:
+               examples: ExampleIndex | None = None, seq_lengths: np.ndarray | None = None) -> StepsInfo:
     """Gradient accumulation that brings a step closest to `data.global_batch_tokens`.
 
     Micro-batches are filled to the budget, not exactly to it, so the count uses the mean fill of
     epoch 0's cut: accum = round(global_batch_tokens / (world_size x mean tokens per micro-batch)),
-    at least 1.
+    at least 1. `seq_lengths` (tokens of each collated sequence) defaults to length + specials.
     """
     if examples is None:
         examples = build_examples(shards, layout.max_tokens, layout.min_tokens)
-    seq_lengths = examples.length.astype(np.int64) + layout.num_specials
+    if seq_lengths is None:
+        seq_lengths = examples.length.astype(np.int64) + layout.num_specials
     order = epoch_order(data.seed, 0, len(examples))
     num_mb = len(cut_micro_batches(seq_lengths[order], data.tokens_per_micro_batch)) - 1
     total = int(seq_lengths.sum())
@@ -237,7 +238,7 @@ class PackedLoader:
 
     def __init__(self, shards: TokenShards, layout: ExampleLayout, data: DataLoaderConfig, collator: Collator,
                  rank: int = 0, world_size: int = 1, examples: ExampleIndex | None = None, *,
-                 prefetch: int = 2, num_workers: int = 0):
+                 prefetch: int = 2, num_workers: int = 0, seq_lengths: np.ndarray | None = None):
         if layout.max_seq_len > data.tokens_per_micro_batch:
             raise ConfigError(f"data.tokens_per_micro_batch={data.tokens_per_micro_batch} is below the sequence "
                             f"length {layout.max_seq_len}; raise it so one sequence fits")
@@ -249,7 +250,14 @@ class PackedLoader:
             shards, layout.max_tokens, layout.min_tokens)
         if len(self.examples) == 0:
             raise DataError(f"{shards.folder}: no training examples in the shards; check the tokenization stage")
-        self.seq_lengths = self.examples.length.astype(np.int64) + layout.num_specials
+        # Tokens each example becomes once collated: its real tokens and specials, or what the stage
+        # measured when its collator adds more (Lattice-BERT's words); the budget counts these.
+        self.seq_lengths = (self.examples.length.astype(np.int64) + layout.num_specials if seq_lengths is None
+                            else np.asarray(seq_lengths, dtype=np.int64))
+        assert len(self.seq_lengths) == len(self.examples)
+        if int(self.seq_lengths.max()) > data.tokens_per_micro_batch:
+            raise ConfigError(f"data.tokens_per_micro_batch={data.tokens_per_micro_batch} is below the longest "
+                              f"collated sequence ({int(self.seq_lengths.max())} tokens); raise it")
         self.epoch, self.position = 0, 0
         self._stop: threading.Event | None = None
         self._pool: ProcessPoolExecutor | None = None
@@ -260,7 +268,7 @@ class PackedLoader:
 
     def steps_info(self) -> StepsInfo:
         """`steps_info` for this loader's examples and world size."""
-        return steps_info(self.shards, self.layout, self.data, self.world_size, self.examples)
+        return steps_info(self.shards, self.layout, self.data, self.world_size, self.examples, self.seq_lengths)
 
     # -- state ----------------------------------------------------------------------------------
 

@@ -73,7 +73,11 @@ class MLMCollator:
 def PackedLoader(shards: TokenShards, objective: ObjectiveConfig, data: DataLoaderConfig, specials: SpecialIds,
                  rank: int = 0, world_size: int = 1, examples: ExampleIndex | None = None, *,
                  prefetch: int = 2, num_workers: int = 0, collator: MLMCollator | None = None) -> _CorePackedLoader:
-    """The core packed loader with pretraining's layout and MLM collator (masked with `data.seed`)."""
+    """The core packed loader with pretraining's layout and MLM collator (masked with `data.seed`).
+
+    A Lattice-BERT collator adds each example's lexicon words to its sequence; their count is
+    measured once here so a micro-batch holds at most `tokens_per_micro_batch` tokens, words included.
+    """
     if shards.vocab_size > specials.vocab_size:
         raise DataError(f"{shards.folder}: shards use {shards.vocab_size} ids but the tokenizer has "
                         f"{specials.vocab_size}; re-tokenize with this tokenizer")
@@ -81,8 +85,16 @@ def PackedLoader(shards: TokenShards, objective: ObjectiveConfig, data: DataLoad
         raise ConfigError(f"pretrain.data.tokens_per_micro_batch={data.tokens_per_micro_batch} is below "
                         f"pretrain.objective.max_seq_len={objective.max_seq_len}; raise it so one sequence fits")
     collator = collator or MLMCollator(objective, specials, data.seed)
-    return _CorePackedLoader(shards, layout(objective), data, collator, rank, world_size, examples,
-                             prefetch=prefetch, num_workers=num_workers)
+    lay = layout(objective)
+    if examples is None:
+        examples = build_examples(shards, lay.max_tokens, lay.min_tokens)
+    seq_lengths = None
+    if collator.lexicon_from is not None:
+        from kompakt.pretrain.lattice import lattice_lengths
+
+        seq_lengths = lattice_lengths(shards, examples, collator.lexicon(), objective.max_seq_len)
+    return _CorePackedLoader(shards, lay, data, collator, rank, world_size, examples,
+                             prefetch=prefetch, num_workers=num_workers, seq_lengths=seq_lengths)
 
 
 def steps_info(shards: TokenShards, objective: ObjectiveConfig, data: DataLoaderConfig, world_size: int,

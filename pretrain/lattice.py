@@ -347,6 +347,22 @@ def load_tokenizer_lexicon(tokenizer_dir: str | Path, model_cfg: ModelConfig) ->
                             model_cfg.lattice.max_word_len, model_cfg.lattice.num_words)
 
 
+def lattice_lengths(shards, examples, lexicon: Lexicon, max_seq_len: int) -> np.ndarray:
+    """Tokens of each example's lattice sequence (characters, [CLS]/[SEP] and the words kept), as
+    `collate_msp` builds it; the loader's micro-batch budget counts these, not characters alone.
+
+    One `build_lattice` per example (about 0.1 ms for 128 characters here), once per loader.
+    """
+    from kompakt.packed import read_example
+
+    out = np.empty(len(examples), dtype=np.int64)
+    for i in range(len(examples)):
+        ex = read_example(shards, examples, i, 0)
+        out[i] = len(build_lattice([np.asarray(ex.tokens, dtype=np.int64)], lexicon, cls_id=0, sep_id=0,
+                                   max_len=2 * max_seq_len, cuts=[ex.sent_starts]))
+    return out
+
+
 def collate_msp(examples: Sequence[Example], cfg: ObjectiveConfig, specials: SpecialIds, seed: int,
                 lexicon: Lexicon | None = None) -> dict:
     """Lattice-BERT's collator for `pretrain.objective.masking=msp` (called by pretrain/collate.py).
