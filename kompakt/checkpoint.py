@@ -32,7 +32,6 @@ another world size scatters it back with `safe_set_full_*`. ZeRO-3 resumes on th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -48,7 +47,7 @@ import torch
 from kompakt import dist
 from kompakt.errors import KompaktError
 from kompakt.log import warn
-from kompakt.runs import write_json_atomic
+from kompakt.runs import content_digest, write_json_atomic
 
 LATEST = "latest"
 COMPLETE = "complete"
@@ -144,11 +143,7 @@ def _ds(engine):
 
 def file_digest(path: Path) -> str:
     """BLAKE2b-128 of a file's bytes, read in 4 MB blocks."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return content_digest(path)
 
 
 def _file_table(tag_dir: Path) -> dict[str, list]:

@@ -19,7 +19,7 @@ from typing import Callable
 from kompakt.config import Recipe, section_hash_dict
 from kompakt.errors import ConfigError
 from kompakt.log import info
-from kompakt.runs import file_fingerprint, is_complete, open_stage, stage_dir
+from kompakt.runs import artifact_digests, file_fingerprint, is_complete, open_stage, stage_dir
 
 
 def _hash_of(stage_dir_: Path) -> str:
@@ -200,6 +200,8 @@ def _tokenizer_body(p: Pipeline, stage: Stage, d: Path, config: dict, inputs: di
 
     with open_stage(p.run_dir, "tokenizer", config, inputs) as run:
         tok_stage.run(p.recipe.tokenizer, p.upstream_dir("prepare"), run)
+        # What the token ids mean, so a downstream stage can tell when they changed under it.
+        run.extra["digests"] = artifact_digests(run.work_dir)
     info(f"tokenizer: wrote {d}")
     return d
 

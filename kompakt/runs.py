@@ -123,6 +123,24 @@ def disk_error_message(err: OSError) -> str | None:
     return f"{what}: {where}; {todo} (earlier outputs are intact)"
 
 
+def content_digest(path: Path) -> str:
+    """BLAKE2b-128 of a file's bytes (an artifact's identity, recorded in manifests and checkpoints)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# The files that say what a tokenizer stage's token ids mean, relative to its directory.
+TOKENIZER_ARTIFACTS = ("tokenizer/tokenizer.json", "tokens/index.json", "heldout/index.json")
+
+
+def artifact_digests(stage_dir_: Path, names=TOKENIZER_ARTIFACTS) -> dict[str, str]:
+    """{relative path: digest} of the named files that exist under a stage directory."""
+    return {n: content_digest(Path(stage_dir_) / n) for n in names if (Path(stage_dir_) / n).is_file()}
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in _VERSIONED_PACKAGES:

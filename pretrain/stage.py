@@ -29,7 +29,7 @@ from kompakt.log import info, table, warn
 from kompakt.loop import REQUEUE_EXIT, StopFlag, test_hook
 from kompakt.model_config import ModelConfig, check_vocab
 from kompakt.pretrain_config import PretrainConfig
-from kompakt.runs import RESOLVED_CONFIG, package_versions, write_json_atomic
+from kompakt.runs import RESOLVED_CONFIG, artifact_digests, package_versions, read_manifest, write_json_atomic
 from kompakt.tokenizer import SpecialIds, load_tokenizer
 
 # Tokenizer stages without heldout/ shards: every HELDOUT_EVERY-th document is held out (1%).
@@ -81,12 +81,18 @@ def heldout_by_document(shards, examples):
 
 
 def content_digests(tokenizer_stage: Path) -> dict[str, str]:
-    """Digests of what a checkpoint's ids mean: the tokenizer and the shard indexes (one read each)."""
-    out = {"tokenizer.json": checkpoint.file_digest(tokenizer_stage / "tokenizer" / "tokenizer.json"),
-           "tokens/index.json": checkpoint.file_digest(tokenizer_stage / "tokens" / "index.json")}
-    if (tokenizer_stage / "heldout" / "index.json").is_file():
-        out["heldout/index.json"] = checkpoint.file_digest(tokenizer_stage / "heldout" / "index.json")
-    return out
+    """Digests of what a checkpoint's ids mean, checked against the tokenizer stage's own manifest.
+
+    The manifest recorded them when the stage was built; a file edited or replaced since (a copy
+    gone wrong, a hand edit) is refused here before any training on it.
+    """
+    now = artifact_digests(tokenizer_stage)
+    recorded = (read_manifest(tokenizer_stage) or {}).get("digests") or {}
+    changed = sorted(k for k in recorded if now.get(k) != recorded[k])
+    if changed:
+        raise DataError(f"{tokenizer_stage}: {', '.join(changed)} differ from what its manifest recorded; the "
+                        f"stage was changed after it was built. Re-run `kompakt tokenizer --force` and pretrain anew")
+    return now
 
 
 def check_digests(saved: dict | None, now: dict[str, str], tag: Path, tokenizer_stage: Path) -> None:

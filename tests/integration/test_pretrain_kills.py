@@ -203,3 +203,17 @@ def _free_port() -> int:
     from kompakt.dist import free_port
 
     return free_port()
+
+
+def test_a_tokenizer_stage_edited_after_its_manifest_is_refused(tok, tmp_path):
+    import shutil
+
+    from kompakt.runs import artifact_digests, read_manifest, write_json_atomic
+
+    mine = tmp_path / "tok"
+    shutil.copytree(tok, mine)
+    write_json_atomic(mine / "manifest.json", {**read_manifest(mine), "digests": artifact_digests(mine)})
+    index = mine / "tokens" / "index.json"
+    index.write_text(index.read_text().replace('"num_docs"', '"num_docs" ', 1))
+    err = run(mine, tmp_path / "run", expect=2)
+    assert "tokens/index.json differ from what its manifest recorded" in err.strip().splitlines()[-1]
