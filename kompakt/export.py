@@ -66,7 +66,7 @@ def model_card(model_cfg: ModelConfig, state: dict, tokenizer_dir: Path) -> str:
     if release.get("data_license") or release.get("data_attribution"):
         rows.append(("data licence", " - ".join(x for x in (release.get("data_license"),
                                                            release.get("data_attribution")) if x)))
-    rows.append(("tokenizer", f"`{tokenizer_dir.name}` ({state.get('vocab_size')} tokens)"))
+    rows.append(("tokenizer", f"{state.get('vocab_size')} tokens, shipped in this folder (stage `{tok_stage.name}`)"))
     rows += [tuple(r) for r in state.get("card", [])]
     rows += [("size", f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, {model_cfg.num_heads} heads, "
                       f"{state.get('num_params', 0):,} parameters"),
