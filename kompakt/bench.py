@@ -2,7 +2,8 @@
 
 Benchmarks are not timed tests. Each returns a dict with at least `ratio` (ours over the
 baseline), `device` and `versions`; the CLI prints a table and, with `--json`, the dict.
-The stage packages hold the measurements; this module only dispatches and adds the device.
+The stage packages hold the measurements; this module dispatches, resolves the upstream stage
+folders they measure on (stage code never imports the pipeline) and adds the device.
 """
 
 from __future__ import annotations
@@ -43,14 +44,21 @@ def run(what: str, recipe: str, quick: bool = False) -> dict:
 
         result = pretokenize_throughput(recipe, quick=quick)
         result["dedup"] = dedup_rate(recipe, quick=quick)
-    elif what == "model":
-        from kompakt.eval.bench_model import model_throughput
+    elif what in ("model", "train"):
+        # The dispatcher resolves the upstream stages; the stage benchmarks only receive folders.
+        from kompakt.config import load_recipe
+        from kompakt.pipeline import Pipeline
 
-        result = model_throughput(recipe, quick=quick)
-    elif what == "train":
-        from kompakt.pretrain.bench import train_throughput
+        rec = load_recipe(recipe)
+        tok_stage = Pipeline(rec).ensure("tokenizer")
+        if what == "model":
+            from kompakt.pretrain.bench_model import model_throughput
 
-        result = train_throughput(recipe, quick=quick)
+            result = model_throughput(rec, tok_stage, quick=quick)
+        else:
+            from kompakt.pretrain.bench import train_throughput
+
+            result = train_throughput(rec, tok_stage, quick=quick)
     else:
         raise ValueError(f"unknown benchmark {what!r}")
     result["device"] = device_name()

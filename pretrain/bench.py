@@ -1,20 +1,24 @@
-"""`kompakt bench train`: end-to-end pretraining throughput against the Hugging Face Trainer.
+"""`kompakt bench train`: end-to-end pretraining throughput and quality against the Hugging Face Trainer.
 
-One run, one device, the recipe's model sizes and tokenizer, the same demo corpus and the same
-number of optimizer steps of about `global_batch_tokens` real tokens each. Measured: real
+One run, one device, the recipe's model sizes and tokenizer, the same training documents and the
+same number of optimizer steps of about `global_batch_tokens` real tokens each. Measured: real
 (non-padding) tokens per second over the steps after a warm-up, data loading and optimizer
-included.
+included, and the held-out MLM loss after the same steps.
 
-- ours: `kompakt.pretrain.loop.train` on the DeepSpeed engine with the packed loader (prefetch
-  thread, masking, collation) over the tokenizer stage's shards; MLM-only token masking, so the
-  work matches the baseline's objective.
-- HF line-by-line: `transformers.Trainer` with the stock `BertForMaskedLM`/`AlbertForMaskedLM` of the
-  same sizes and `DataCollatorForLanguageModeling`, one document per row (truncated to
-  `max_seq_len`) padded to the longest in the batch, logits on every position.
-- HF concat: the same Trainer on the documents concatenated and cut into full `max_seq_len` rows
-  (run_mlm.py's group_texts): no padding, but attention crosses documents.
+- ours: the shared training loop (kompakt/loop.py) on the DeepSpeed engine with the packed loader
+  over the tokenizer stage's training shards; MLM-only token masking, so the objective matches.
+- HF grouped: `transformers.Trainer` with the stock `BertForMaskedLM`/`AlbertForMaskedLM` of the same
+  sizes and `DataCollatorForLanguageModeling`, one document per row (truncated to `max_seq_len`),
+  `train_sampling_strategy="group_by_length"` so rows of similar length share a batch (what a
+  careful user picks to avoid padding), logits on every position.
+- HF line-by-line: the same without grouping (padded to the longest row of a random batch).
+- HF concat: documents concatenated and cut into full `max_seq_len` rows (run_mlm.py's
+  group_texts): no padding, but attention crosses documents.
 
-`ratio` = ours / line-by-line, `ratio_concat` = ours / concat.
+Quality at the same budget: every model (ours exported to the stock class) is evaluated by one
+function on the same pre-masked held-out documents (the tokenizer stage's `heldout/` shards, never
+trained on by any side): cross-entropy over the masked positions. A unigram model of the training
+tokens is the floor to beat. `ratio` = ours / the fastest HF feed; each ratio is reported too.
 """
 
 from __future__ import annotations
@@ -32,18 +36,65 @@ from kompakt.log import info, table
 MASK_RATE = 0.15
 
 
-def _documents(shards, max_docs: int, max_len: int, cls_id: int, sep_id: int) -> list[list[int]]:
-    """The first documents of the shards as `[CLS] ids [SEP]`, truncated to `max_len` tokens."""
+def _documents(shards, doc_ids, max_len: int, cls_id: int, sep_id: int) -> list[list[int]]:
+    """Documents `doc_ids` of the shards as `[CLS] ids [SEP]`, truncated to `max_len` tokens."""
     docs = []
-    for g in range(min(max_docs, shards.num_docs)):
+    for g in doc_ids:
         tokens, _, _ = shards.document(g)
         docs.append([cls_id, *np.asarray(tokens[: max_len - 2]).tolist(), sep_id])
     return docs
 
 
+def heldout_batches(docs: list[list[int]], mask_id: int, pad_id: int, rows_per_batch: int = 32,
+                    seed: int = 1234) -> list[dict]:
+    """Padded, pre-masked MLM batches of `docs` ([CLS] ids [SEP] rows): 15% of the inner tokens are
+    [MASK] (at least one per row), labels -100 elsewhere. Fixed by `seed`, so every model sees the same."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(docs), rows_per_batch):
+        rows = docs[i:i + rows_per_batch]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        attn = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = torch.tensor(row)
+            attn[r, :len(row)] = 1
+            inner = torch.arange(1, len(row) - 1)
+            k = max(1, round(MASK_RATE * len(inner)))
+            pick = inner[torch.randperm(len(inner), generator=g)[:k]]
+            labels[r, pick] = ids[r, pick]
+            ids[r, pick] = mask_id
+        out.append({"input_ids": ids, "attention_mask": attn, "labels": labels})
+    return out
+
+
+@torch.no_grad()
+def heldout_mlm_loss(hf_model, batches: list[dict]) -> float:
+    """Mean cross-entropy (nats) over every masked position of `batches`, for any stock MLM model."""
+    hf_model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        logits = hf_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        keep = b["labels"] != -100
+        total += float(torch.nn.functional.cross_entropy(logits[keep], b["labels"][keep], reduction="sum"))
+        count += int(keep.sum())
+    return total / max(count, 1)
+
+
+def unigram_loss(train_docs: list[list[int]], batches: list[dict], vocab_size: int) -> float:
+    """Held-out loss of predicting every masked token by its training frequency (add-one smoothed)."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for d in train_docs:
+        np.add.at(counts, np.asarray(d[1:-1], dtype=np.int64), 1.0)
+    logp = np.log(counts / counts.sum())
+    labels = np.concatenate([b["labels"][b["labels"] != -100].numpy() for b in batches])
+    return float(-logp[labels].mean())
+
+
 def _hf_throughput(model_cfg, rows: list[list[int]], rows_per_step: int, num_warmup: int, num_steps: int,
-                   hf_tokenizer, lr: float) -> float:
-    """Real tokens/s of `transformers.Trainer` over steps num_warmup+1 .. num_warmup+num_steps."""
+                   hf_tokenizer, lr: float, strategy: str = "random"):
+    """(real tokens/s of `transformers.Trainer` over steps num_warmup+1 .. num_warmup+num_steps, the model)."""
     from transformers import (AlbertForMaskedLM, BertForMaskedLM, DataCollatorForLanguageModeling, Trainer,
                               TrainerCallback, TrainingArguments)
 
@@ -73,57 +124,70 @@ def _hf_throughput(model_cfg, rows: list[list[int]], rows_per_step: int, num_war
                                  learning_rate=lr, weight_decay=0.01, warmup_steps=0, logging_steps=10**9,
                                  save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0,
                                  bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-                                 disable_tqdm=True)
+                                 disable_tqdm=True, train_sampling_strategy=strategy)
         Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
                 callbacks=[StepClock()]).train()
     measured = sum(real_tokens[num_warmup:num_warmup + num_steps])
-    return measured / (times[num_warmup + num_steps] - times[num_warmup])
+    return measured / (times[num_warmup + num_steps] - times[num_warmup]), model
 
 
-def train_throughput(recipe_path: str = "recipes/demo-nb.yaml", quick: bool = False) -> dict:
-    """Run ours, HF line-by-line and HF concat on the recipe's corpus and sizes; returns the figures."""
+def train_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
+    """Ours and the three HF feeds on the recipe's corpus and sizes; returns speed and held-out quality."""
     from transformers import AutoTokenizer
 
-    from kompakt import checkpoint, pipeline
-    from kompakt.config import load_recipe
+    from kompakt import checkpoint
     from kompakt.dist import setup_env
     from kompakt.engine import build_engine, init_distributed
     from kompakt.errors import ConfigError
+    from kompakt.hf import to_hf_model
     from kompakt.model_config import check_vocab
     from kompakt.models import build_pretraining_model
-    from kompakt.pretrain.data import PackedLoader
+    from kompakt.pretrain.data import PackedLoader, build_examples, layout
     from kompakt.pretrain.loop import train
-    from kompakt.pretrain.masking import SpecialIds
-    from kompakt.pretrain.stage import load_tokenizer
+    from kompakt.pretrain.stage import heldout_by_document
     from kompakt.shards import TokenShards
+    from kompakt.tokenizer import SpecialIds, load_tokenizer
 
-    recipe = load_recipe(recipe_path)
     if recipe.model is None or recipe.pretrain is None or recipe.model.family == "lattice":
-        raise ConfigError(f"{recipe_path}: bench train needs a bert/albert/spanbert model and a pretrain section")
-    tok_stage = pipeline.tokenizer(recipe)
+        raise ConfigError(f"{recipe.name}: bench train needs a bert/albert/spanbert model and a pretrain section")
     tok = load_tokenizer(tok_stage / "tokenizer")
     specials = SpecialIds.from_tokenizer(tok)
     model_cfg = check_vocab(recipe.model, specials.vocab_size, str(tok_stage / "tokenizer"))
     if model_cfg.family == "spanbert":
         model_cfg = model_cfg.model_copy(update={"family": "bert"})  # the baseline has no SBO head
-    num_warmup, num_steps = (2, 4) if quick else (3, 12)
+    num_warmup, num_steps = (2, 10) if quick else (5, 195)
     base = recipe.pretrain
     seq_len = base.objective.max_seq_len
     cfg = base.model_copy(update={
-        "max_steps": num_warmup + num_steps, "log_every": num_warmup, "save_every": 10**9, "keep_last": 1,
-        "eval_every": 0, "resume": "never", "time_limit_minutes": None,
+        "max_steps": num_warmup + num_steps,
+        "run": base.run.model_copy(update={"log_every": num_warmup, "save_every": 10**9, "keep_last": 1,
+                                           "eval_every": 0, "resume": "never", "time_limit_minutes": None}),
         "objective": base.objective.model_copy(update={"masking": "token", "sop": False}),
-        "schedule": base.schedule.model_copy(update={"warmup_steps": 0}),
+        "schedule": base.schedule.model_copy(update={"warmup_steps": min(base.schedule.warmup_steps,
+                                                                         num_warmup + num_steps - 1)}),
     })
-    if num_steps % num_warmup:
-        cfg = cfg.model_copy(update={"max_steps": num_warmup * (1 + -(-num_steps // num_warmup))})
-        num_steps = cfg.max_steps - num_warmup
+
+    # --- data: training documents for every side; held-out documents for the evaluation only
+    shards = TokenShards(tok_stage / "tokens")
+    lay = layout(cfg.objective)
+    examples = build_examples(shards, lay.max_tokens, lay.min_tokens)
+    if (tok_stage / "heldout" / "index.json").is_file():
+        heldout_shards, train_examples = TokenShards(tok_stage / "heldout"), examples
+        held_ids = range(heldout_shards.num_docs)
+        train_ids = range(shards.num_docs)
+    else:  # older tokenizer stages: hold out whole documents of tokens/ as pretraining does
+        heldout_shards = shards
+        train_examples, _ = heldout_by_document(shards, examples)
+        held_ids = [g for g in range(shards.num_docs) if g % 100 == 99]
+        train_ids = [g for g in range(shards.num_docs) if g % 100 != 99]
+    max_docs = 4000 if quick else 20000
+    docs = _documents(shards, train_ids[:max_docs], seq_len, specials.cls, specials.sep)
+    held_docs = [d for d in _documents(heldout_shards, held_ids[:400], seq_len, specials.cls, specials.sep) if len(d) >= 4]
+    eval_batches = heldout_batches(held_docs, specials.mask, specials.pad)
 
     # --- HF Trainer first: once DeepSpeed has started torch.distributed the Trainer would wrap its
     # model in DistributedDataParallel, which a single-process baseline should not pay for.
     hf_tok = AutoTokenizer.from_pretrained(tok_stage / "tokenizer")
-    shards = TokenShards(tok_stage / "tokens")
-    docs = _documents(shards, 4000 if quick else 20000, seq_len, specials.cls, specials.sep)
     mean_len = sum(map(len, docs)) / len(docs)
     tokens_per_step = cfg.data.global_batch_tokens
     line_rows = max(1, round(tokens_per_step / mean_len))
@@ -131,36 +195,56 @@ def train_throughput(recipe_path: str = "recipes/demo-nb.yaml", quick: bool = Fa
     concat = [flat[i:i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
     concat_rows = max(1, round(tokens_per_step / seq_len))
     lr = cfg.optim.lr
-    line = _hf_throughput(model_cfg, docs, line_rows, num_warmup, num_steps, hf_tok, lr)
-    info(f"bench train: HF line-by-line {line:,.0f} tokens/s ({line_rows} rows per step)")
-    cat = _hf_throughput(model_cfg, concat, concat_rows, num_warmup, num_steps, hf_tok, lr)
-    info(f"bench train: HF concat {cat:,.0f} tokens/s ({concat_rows} rows of {seq_len} per step)")
+    feeds = {}
+    for name, rows, per_step, strategy in (("hf_grouped", docs, line_rows, "group_by_length"),
+                                           ("hf_line", docs, line_rows, "random"),
+                                           ("hf_concat", concat, concat_rows, "random")):
+        torch.manual_seed(0)
+        speed, model = _hf_throughput(model_cfg, rows, per_step, num_warmup, num_steps, hf_tok, lr, strategy)
+        feeds[name] = (speed, heldout_mlm_loss(model, eval_batches))
+        info(f"bench train: {name} {speed:,.0f} tokens/s, held-out MLM loss {feeds[name][1]:.4f}")
+        del model
 
     # --- ours
     env = setup_env()
     init_distributed(env)
-    loader = PackedLoader(shards, cfg.objective, cfg.data, specials, env.rank, env.world_size)
+    loader = PackedLoader(shards, cfg.objective, cfg.data, specials, env.rank, env.world_size, train_examples,
+                          prefetch=cfg.run.prefetch, num_workers=cfg.run.num_workers)
     accum = loader.steps_info().grad_accum_steps
     checkpoint.seed_everything(0)
     engine, engine_info = build_engine(build_pretraining_model(model_cfg), cfg, env, accum)
     with tempfile.TemporaryDirectory() as out:
         train(engine, engine_info, cfg, loader, out_dir=Path(out), ckpt_root=Path(out) / "checkpoints")
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    measured = [r for r in rows if r["step"] > num_warmup]
-    ours = sum(r["tokens_per_s"] for r in measured) / len(measured)
+    loader.close()
+    measured = [r["tokens_per_s"] for r in rows if r["step"] > num_warmup and "tokens_per_s" in r]
+    ours = float(np.median(measured))
     ours_tokens_per_step = rows[-1]["tokens_seen"] / rows[-1]["step"]
+    ours_loss = heldout_mlm_loss(to_hf_model(engine.module.cpu().eval(), "masked_lm"), eval_batches)
     del engine
-    info(f"bench train: ours {ours:,.0f} tokens/s ({ours_tokens_per_step:,.0f} tokens per step)")
+    info(f"bench train: ours {ours:,.0f} tokens/s, held-out MLM loss {ours_loss:.4f}")
+    unigram = unigram_loss(docs, eval_batches, model_cfg.vocab_size)
 
+    best = max(feeds, key=lambda k: feeds[k][0])
     result = {
-        "ours_tokens_per_s": round(ours, 1), "hf_line_tokens_per_s": round(line, 1),
-        "hf_concat_tokens_per_s": round(cat, 1), "ratio": round(ours / line, 3), "ratio_concat": round(ours / cat, 3),
+        "ours_tokens_per_s": round(ours, 1), "ratio": round(ours / feeds[best][0], 3), "ratio_against": best,
+        **{f"{k}_tokens_per_s": round(v[0], 1) for k, v in feeds.items()},
+        **{f"ratio_{k.removeprefix('hf_')}": round(ours / v[0], 3) for k, v in feeds.items()},
+        "heldout_mlm_loss": {"ours": round(ours_loss, 4), **{k: round(v[1], 4) for k, v in feeds.items()},
+                             "unigram": round(unigram, 4)},
+        "num_heldout_predictions": int(sum(int((b["labels"] != -100).sum()) for b in eval_batches)),
         "tokens_per_step": round(ours_tokens_per_step), "num_steps": num_steps, "num_warmup_steps": num_warmup,
         "family": model_cfg.family, "max_seq_len": seq_len, "mean_doc_tokens": round(mean_len, 1),
     }
-    table("bench train: real tokens/s, data loading and optimizer included", ["feed", "tokens/s", "ours / it"], [
-        ("kompakt (packed, DeepSpeed)", round(ours), 1.0),
-        ("HF Trainer line-by-line (padded)", round(line), result["ratio"]),
-        ("HF Trainer concatenated rows", round(cat), result["ratio_concat"]),
+    table("bench train: real tokens/s (data loading and optimizer included) and held-out MLM loss after "
+          f"{num_warmup + num_steps} steps", ["feed", "tokens/s", "ours / it", "held-out loss"], [
+        ("kompakt (packed, DeepSpeed)", round(ours), 1.0, round(ours_loss, 4)),
+        ("HF Trainer group_by_length", round(feeds["hf_grouped"][0]), result["ratio_grouped"],
+         round(feeds["hf_grouped"][1], 4)),
+        ("HF Trainer line-by-line (padded)", round(feeds["hf_line"][0]), result["ratio_line"],
+         round(feeds["hf_line"][1], 4)),
+        ("HF Trainer concatenated rows", round(feeds["hf_concat"][0]), result["ratio_concat"],
+         round(feeds["hf_concat"][1], 4)),
+        ("unigram (floor to beat)", "-", "-", round(unigram, 4)),
     ])
     return result

@@ -15,7 +15,7 @@ whole choice of kernel lives here, behind `plan_attention` (once per forward) an
   attention call over demo-like sequences (106 sequences, mean 38 and at most 128 tokens, T=4041, 4 heads
   of 64): rows 0.23-0.39 s, padded 0.43-0.64 s, block-diagonal (T, T) mask 1.8-2.4 s, nested jagged
   tensors 4.5-8.7 s; SDPA on T/128 full rows with no mask at all 0.14-0.18 s. tests/unit/test_models_packing.py
-  checks the equivalence; eval/bench_model.py measures the end-to-end speed.
+  checks the equivalence; pretrain/bench_model.py measures the end-to-end speed.
 - "mask": one (T, T) block-diagonal boolean mask. Quadratic in T; the reference the others are tested
   against, and a fallback for any device.
 - "flex": FlexAttention with a document mask (`create_block_mask`); skips whole blocks across documents.

@@ -29,16 +29,11 @@ from kompakt.log import info, table
 MASK_RATE = 0.15
 
 
-def _documents(recipe_path: str, max_docs: int, seq_len: int) -> tuple[list[list[int]], int, int]:
+def _documents(recipe, tok_stage: Path, max_docs: int, seq_len: int) -> tuple[list[list[int]], int, int]:
     """Token ids of the demo corpus's documents (truncated to seq_len), the vocab size and the [MASK] id."""
-    from tokenizers import Tokenizer
+    from kompakt.tokenizer import load_tokenizer
 
-    from kompakt import pipeline
-    from kompakt.config import load_recipe
-
-    recipe = load_recipe(recipe_path)
-    tok_dir = pipeline.tokenizer(recipe) / "tokenizer"
-    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    tok = load_tokenizer(tok_stage / "tokenizer")
     texts = []
     for path in recipe.resolve_inputs():
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
@@ -126,7 +121,7 @@ def _interleaved(runs: list[tuple], num_warmup: int) -> list[float]:
     return [statistics.median(x) for x in rates]
 
 
-def model_throughput(recipe: str = "recipes/demo-nb.yaml", quick: bool = False) -> dict:
+def model_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
     """Real tokens/s of our packed model vs stock BertForMaskedLM, padded and concatenated."""
     from kompakt.hf import to_hf_model
     from kompakt.model_config import ModelConfig
@@ -139,7 +134,7 @@ def model_throughput(recipe: str = "recipes/demo-nb.yaml", quick: bool = False) 
         sizes = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
         seq_len, rows, num_warmup, num_steps = 128, 32, 2, 8
     tokens_per_step = rows * seq_len
-    docs, vocab, mask_id = _documents(recipe, 20_000 if not quick else 4_000, seq_len)
+    docs, vocab, mask_id = _documents(recipe, tok_stage, 20_000 if not quick else 4_000, seq_len)
     cfg = ModelConfig(family="bert", vocab_size=(vocab + 63) // 64 * 64, max_position_embeddings=512, **sizes)
     torch.manual_seed(0)
     ours = BertForMaskedLM(cfg)
