@@ -1,7 +1,7 @@
 """`kompakt bench data`, tokenisation part: our pre-tokenisation against raw `encode_batch`.
 
-Ours is the whole stage step (read Parquet, encode sentences, word starts, write shard files and
-the index) with the recipe's `num_proc`; the baseline is `Tokenizer.encode_batch` on the same
+Ours is the whole stage step (read Parquet, encode sentences, word starts, write the training and
+held-out shard files and their indexes) with the recipe's `num_proc`; the baseline is `Tokenizer.encode_batch` on the same
 documents' texts with the Rust thread pool on, the fastest a user gets with no extra work. Both
 use every core, are timed in the same run taking turns, best of a few repeats, and are reported
 in MB/s of UTF-8 text; `ratio` is our speed over the baseline's (also in CPU seconds, `cpu_ratio`).
@@ -20,14 +20,16 @@ import pyarrow.parquet as pq
 
 from kompakt.config import TokenizerConfig, load_recipe
 from kompakt.log import info, table
-from kompakt.tokenization.corpus import corpus_files, iter_batches, iter_texts, write_corpus
+from kompakt.tokenization.corpus import corpus_files, heldout_split, iter_batches, iter_texts, write_corpus
 from kompakt.tokenization.pretokenize import DOCS_PER_STEP, _rust_parallelism, pretokenize
 from kompakt.tokenization.train import train_tokenizer
 
 # Documents timed with --quick, and training documents then; the full run uses the whole corpus.
 QUICK_DOCS = 3000
 QUICK_TRAIN_DOCS = 2000
-NUM_REPEATS_QUICK, NUM_REPEATS = 2, 5
+# Best of 5 even with --quick: one quick repeat is about 0.1 s a side on 2 cores, where one burst of
+# another process's load moves the ratio by 0.1; 5 repeats cost a second.
+NUM_REPEATS_QUICK, NUM_REPEATS = 5, 5
 
 
 def _raw_documents(files: list[Path], paragraph: bool) -> list[str]:
@@ -91,7 +93,8 @@ def pretokenize_throughput(recipe: str, quick: bool = False) -> dict:
         files, source = _corpus(rec, work, quick)
         info(f"bench data: corpus from {source}")
         train_cfg = cfg.model_copy(update={"max_train_docs": QUICK_TRAIN_DOCS}) if quick else cfg
-        tok = train_tokenizer(train_cfg, lambda: iter_texts(files, cfg.heldout_fraction, heldout=False,
+        split = heldout_split(files, cfg.heldout_fraction)
+        tok = train_tokenizer(train_cfg, lambda: iter_texts(files, split, heldout=False,
                                                             max_docs=train_cfg.max_train_docs))
         texts = [t for batch in iter_texts(files, 0.0, heldout=False) for t in batch]
         num_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -99,7 +102,8 @@ def pretokenize_throughput(recipe: str, quick: bool = False) -> dict:
         index: dict = {}
 
         def ours(i: int) -> None:
-            index.update(pretokenize(tok, files, work / f"tokens-{i}", cfg.docs_per_shard, cfg.num_proc))
+            index.update(pretokenize(tok, files, work / f"tokens-{i}", cfg.docs_per_shard, cfg.num_proc,
+                                     split=split, heldout_dir=work / f"heldout-{i}"))
 
         def baseline(i: int) -> None:
             with _rust_parallelism(True):
@@ -108,7 +112,7 @@ def pretokenize_throughput(recipe: str, quick: bool = False) -> dict:
 
         (ours_s, ours_cpu), (base_s, base_cpu) = _best_interleaved(num_repeats, ours, baseline)
     # One process on the Rust thread pool when there are fewer shards than num_proc (pretokenize).
-    num_workers = max(1, min(cfg.num_proc, len(index["shards"])))
+    num_workers = max(1, min(cfg.num_proc, len(index["train"]["shards"])))
     result = {
         "what": "pre-tokenisation into packed shards vs raw tokenizer.encode_batch",
         "corpus": source,
@@ -116,8 +120,8 @@ def pretokenize_throughput(recipe: str, quick: bool = False) -> dict:
         "vocab_size": tok.get_vocab_size(with_added_tokens=True),
         "num_proc": cfg.num_proc,
         "num_workers": num_workers,
-        "num_docs": index["num_docs"],
-        "num_tokens": index["num_tokens"],
+        "num_docs": index["train"]["num_docs"] + index["heldout"]["num_docs"],
+        "num_tokens": index["train"]["num_tokens"] + index["heldout"]["num_tokens"],
         "num_mb": num_bytes / 1e6,
         "ours_s": ours_s,
         "baseline_s": base_s,

@@ -4,12 +4,14 @@ Writes into `run.work_dir`:
 
 - `tokenizer/`   a Hugging Face folder that `AutoTokenizer.from_pretrained` loads offline
 - `report.json`  fertility, unknown rate, whole-word share and round trips on held-out documents
-- `tokens/`      packed shards (kompakt/shards.py) of every document, held-out ones included
+- `tokens/`      packed shards (kompakt/shards.py) of the training documents only
+- `heldout/`     the same format, of the held-out documents only, for pretraining's evaluation
 - `tokenizer/lexicon.txt`  Chinese with `lexicon` only: the word lexicon of lattice models, kept in
   the tokenizer folder because word k's id is vocab_size + k, so it travels with the tokenizer
 
-Held-out documents (by a hash of their id, `heldout_fraction`) are left out of tokenizer training
-so the report measures text the tokenizer has not seen; they are still written to the shards.
+Held-out documents (by a hash of their id, `heldout_fraction`; at least one when the corpus has
+two or more) are left out of tokenizer training, so the report measures text the tokenizer has not
+seen, and out of `tokens/`, so pretraining never trains on them: they go to `heldout/`, whole.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from kompakt.config import TokenizerConfig
 from kompakt.errors import DataError
 from kompakt.log import info, table
 from kompakt.runs import StageRun, write_json_atomic
-from kompakt.tokenization.corpus import corpus_files, iter_texts, row_counts
+from kompakt.tokenization.corpus import corpus_files, heldout_split, iter_texts, row_counts
 from kompakt.tokenization.lexicon import build_lexicon, lexicon_source, write_lexicon
 from kompakt.tokenization.pretokenize import pretokenize
 from kompakt.tokenization.report import evaluate
@@ -36,9 +38,9 @@ def run(cfg: TokenizerConfig, corpus_dir: Path, run: StageRun) -> None:
     info(f"tokenizer: training {cfg.kind} ({cfg.family}, vocab {cfg.vocab_size_rounded}) on {num_docs:,} documents "
          f"less a {cfg.heldout_fraction:.0%} held-out share")
 
+    split = heldout_split(files, cfg.heldout_fraction)
     with run.timed("train_s"):
-        tok = train_tokenizer(cfg, lambda: iter_texts(files, cfg.heldout_fraction, heldout=False,
-                                                      max_docs=cfg.max_train_docs))
+        tok = train_tokenizer(cfg, lambda: iter_texts(files, split, heldout=False, max_docs=cfg.max_train_docs))
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     save_hf(tok, cfg, run.work_dir / "tokenizer")
 
@@ -49,7 +51,7 @@ def run(cfg: TokenizerConfig, corpus_dir: Path, run: StageRun) -> None:
         num_lexicon_words = len(words)
 
     with run.timed("report_s"):
-        scores = evaluate(tok, cfg.kind, iter_texts(files, cfg.heldout_fraction, heldout=True),
+        scores = evaluate(tok, cfg.kind, iter_texts(files, split, heldout=True),
                           special_tokens(cfg.family)["unk_token"])
     report = {"kind": cfg.kind, "family": cfg.family, "vocab_size": vocab_size, "lowercase": cfg.lowercase,
               "strip_accents": cfg.strip_accents, "heldout": scores}
@@ -65,11 +67,15 @@ def run(cfg: TokenizerConfig, corpus_dir: Path, run: StageRun) -> None:
     ])
 
     with run.timed("pretokenize_s"):
-        index = pretokenize(tok, files, run.work_dir / "tokens", cfg.docs_per_shard, cfg.num_proc)
+        indexes = pretokenize(tok, files, run.work_dir / "tokens", cfg.docs_per_shard, cfg.num_proc,
+                              split=split, heldout_dir=run.work_dir / "heldout")
+    index, held = indexes["train"], indexes["heldout"]
     run.counts.update({"num_docs": index["num_docs"], "num_sentences": index["num_sentences"],
                        "num_tokens": index["num_tokens"], "num_shards": len(index["shards"]),
-                       "vocab_size": vocab_size, "num_heldout_docs": scores["num_docs"]})
+                       "vocab_size": vocab_size, "num_heldout_docs": held["num_docs"],
+                       "num_heldout_tokens": held["num_tokens"]})
     if num_lexicon_words is not None:
         run.counts["num_lexicon_words"] = num_lexicon_words
-    info(f"tokenizer: {index['num_tokens']:,} tokens in {len(index['shards'])} shard(s), "
-         f"{index['num_docs']:,} documents, {index['num_sentences']:,} sentences")
+    info(f"tokenizer: {index['num_tokens']:,} training tokens in {len(index['shards'])} shard(s), "
+         f"{index['num_docs']:,} documents, {index['num_sentences']:,} sentences; "
+         f"{held['num_tokens']:,} tokens of {held['num_docs']:,} held-out documents in heldout/")

@@ -36,10 +36,12 @@ def test_cli_tokenizer_stage(tmp_path, demo_docs, capsys):
     [corpus] = sorted((tmp_path / "runs").glob("prepare-*"))
     num_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (corpus / "corpus").glob("*.parquet"))
 
-    shards = TokenShards(out / "tokens")
-    assert shards.num_docs == manifest["counts"]["num_docs"] == num_rows > 300
-    assert shards.num_tokens == manifest["counts"]["num_tokens"]
-    assert len(shards.shards) == -(-num_rows // 150)
+    shards, heldout = TokenShards(out / "tokens"), TokenShards(out / "heldout")
+    counts = manifest["counts"]
+    assert shards.num_docs == counts["num_docs"] and heldout.num_docs == counts["num_heldout_docs"] > 0
+    assert shards.num_docs + heldout.num_docs == num_rows > 300
+    assert shards.num_tokens == counts["num_tokens"] and heldout.num_tokens == counts["num_heldout_tokens"]
+    assert len(shards.shards) == len(heldout.shards) == -(-num_rows // 150)
     report = json.loads((out / "report.json").read_text())
     assert report["vocab_size"] == 1536 and report["heldout"]["unk_rate"] < 0.01
 

@@ -38,8 +38,15 @@ def trained(request, corpus, tmp_path_factory):
     return cfg, run.final_dir
 
 
-def _corpus_texts(corpus):
-    return [t for b in iter_batches(corpus_files(corpus), ["text"]) for t in b.column(0).to_pylist()]
+def _corpus_column(corpus, name):
+    return [t for b in iter_batches(corpus_files(corpus), [name]) for t in b.column(0).to_pylist()]
+
+
+def _split_of(corpus, cfg, name):
+    """The corpus column `name` of the training documents and of the held-out ones, in corpus order."""
+    flags = [is_heldout(i, cfg.heldout_fraction) for i in _corpus_column(corpus, "id")]
+    values = _corpus_column(corpus, name)
+    return [v for v, f in zip(values, flags) if not f], [v for v, f in zip(values, flags) if f]
 
 
 def test_vocab_is_multiple_of_64_and_specials_first(trained):
@@ -82,27 +89,54 @@ def test_report_is_sensible(trained):
     assert h["round_trip_target"]
 
 
-def test_shards_decode_back_to_the_corpus(trained, corpus):
+@pytest.mark.parametrize("part", ["tokens", "heldout"])
+def test_shards_decode_back_to_their_documents(trained, corpus, part):
+    """tokens/ holds exactly the training documents and heldout/ exactly the held-out ones, in order."""
     cfg, out = trained
     tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
-    shards = TokenShards(out / "tokens")
-    texts = _corpus_texts(corpus)
+    shards = TokenShards(out / part)
+    train, heldout = _split_of(corpus, cfg, "text")
+    texts = train if part == "tokens" else heldout
     assert shards.num_docs == len(texts) and len(shards.shards) == 3  # 1,500 docs at 700 per shard
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["num_tokens"] == shards.num_tokens > 0
+    assert shards.index["split"] == ("train" if part == "tokens" else "heldout")
+    assert shards.index["heldout_fraction"] == cfg.heldout_fraction
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["num_tokens" if part == "tokens" else "num_heldout_tokens"] == shards.num_tokens > 0
+    assert counts["num_docs" if part == "tokens" else "num_heldout_docs"] == shards.num_docs
     decoded = tok.decode_batch([shards.document(g)[0].tolist() for g in range(shards.num_docs)],
                                skip_special_tokens=False)
     matches = [d == round_trip_target(tok, cfg.kind, t) for d, t in zip(decoded, texts)]
     assert np.mean(matches) > 0.97, [(d, t) for d, t, m in zip(decoded, texts, matches) if not m][:3]
 
 
+def test_no_heldout_document_reaches_the_training_shards(trained, corpus):
+    """Every held-out document's token sequence is in heldout/ and none is in tokens/."""
+    cfg, out = trained
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    train, heldout = _split_of(corpus, cfg, "sentences")
+    assert len(heldout) > 20
+
+    def doc_ids(sentences):
+        return tuple(i for e in tok.encode_batch(sentences, add_special_tokens=False) for i in e.ids)
+
+    def shard_docs(part):
+        shards = TokenShards(out / part)
+        return {tuple(shards.document(g)[0].tolist()) for g in range(shards.num_docs)}
+
+    held_docs, train_docs = {doc_ids(s) for s in heldout}, {doc_ids(s) for s in train}
+    assert shard_docs("heldout") == held_docs
+    assert shard_docs("tokens") == train_docs
+    # Identical texts can be in both parts (the hash is of the id); none of these 1,500 are.
+    assert not held_docs & train_docs
+
+
 def test_sentence_offsets_follow_the_corpus(trained, corpus):
-    _, out = trained
-    shards = TokenShards(out / "tokens")
-    sentences = [s for b in iter_batches(corpus_files(corpus), ["sentences"]) for s in b.column(0).to_pylist()]
-    for g in (0, 1, 777, shards.num_docs - 1):
-        _, _, sent_offsets = shards.document(g)
-        assert len(sent_offsets) - 1 == len(sentences[g])
+    cfg, out = trained
+    for part, sentences in zip(("tokens", "heldout"), _split_of(corpus, cfg, "sentences")):
+        shards = TokenShards(out / part)
+        for g in (0, 1, shards.num_docs // 2, shards.num_docs - 1):
+            _, _, sent_offsets = shards.document(g)
+            assert len(sent_offsets) - 1 == len(sentences[g])
 
 
 def test_word_starts_mark_word_beginnings(trained):
@@ -136,6 +170,7 @@ def test_heldout_documents_are_the_hashed_share(trained, corpus):
     ids = [i for b in iter_batches(corpus_files(corpus), ["id"]) for i in b.column(0).to_pylist()]
     report = json.loads((out / "report.json").read_text())
     assert report["heldout"]["num_docs"] == sum(is_heldout(i, cfg.heldout_fraction) for i in ids)
+    assert TokenShards(out / "heldout").num_docs == report["heldout"]["num_docs"]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -1,4 +1,5 @@
-"""Pre-tokenisation into shards: the batch writer, num_proc independence, uint32 ids, corpus errors."""
+"""Pre-tokenisation into shards: the batch writer, whole-document encoding, the held-out split,
+num_proc independence, uint32 ids, corpus errors."""
 
 import numpy as np
 import pyarrow as pa
@@ -8,8 +9,10 @@ import pytest
 from kompakt.config import TokenizerConfig
 from kompakt.errors import DataError
 from kompakt.shards import ShardWriter, TokenShards, write_index
-from kompakt.tokenization.corpus import corpus_files, is_heldout, iter_batches, iter_texts, write_corpus
-from kompakt.tokenization.pretokenize import BatchShardWriter, encode_sentences, pretokenize, word_start_table
+from kompakt.tokenization.corpus import (HeldoutSplit, corpus_files, heldout_split, is_heldout, iter_batches, iter_texts,
+                                         naive_sentences, write_corpus)
+from kompakt.tokenization.pretokenize import (BatchShardWriter, _encode_documents, _marked_tokenizer,
+                                              encode_sentences, pretokenize, word_start_table)
 from kompakt.tokenization.train import train_tokenizer
 
 
@@ -62,13 +65,57 @@ def test_vocab_above_65536_writes_uint32(tmp_path):
 
 def test_num_proc_1_and_2_give_identical_shards(small, tmp_path):
     files, tok = small
-    a = pretokenize(tok, files, tmp_path / "p1", docs_per_shard=250, num_proc=1)
-    b = pretokenize(tok, files, tmp_path / "p2", docs_per_shard=250, num_proc=2)
-    assert a == b and len(a["shards"]) == 4 and a["num_docs"] == 900
-    names = sorted(p.name for p in (tmp_path / "p1").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "p2").iterdir())
-    for name in names:
-        assert (tmp_path / "p1" / name).read_bytes() == (tmp_path / "p2" / name).read_bytes(), name
+    split = heldout_split(files, 0.1)
+    a = pretokenize(tok, files, tmp_path / "p1" / "tokens", 250, 1, split, tmp_path / "p1" / "heldout")
+    b = pretokenize(tok, files, tmp_path / "p2" / "tokens", 250, 2, split, tmp_path / "p2" / "heldout")
+    assert a == b and len(a["train"]["shards"]) == len(a["heldout"]["shards"]) == 4
+    assert a["train"]["num_docs"] + a["heldout"]["num_docs"] == 900 and 60 < a["heldout"]["num_docs"] < 120
+    for part in ("tokens", "heldout"):
+        names = sorted(p.name for p in (tmp_path / "p1" / part).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "p2" / part).iterdir())
+        for name in names:
+            assert (tmp_path / "p1" / part / name).read_bytes() == (tmp_path / "p2" / part / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("kind, options", [("wordpiece", {}), ("wordpiece", {"lowercase": True, "strip_accents": True}),
+                                           ("wordpiece", {"chinese_chars": True}), ("unigram", {}),
+                                           ("unigram", {"lowercase": True}), ("bpe", {})])
+def test_documents_encoded_whole_match_their_sentences_encoded_alone(kind, options, demo_docs):
+    """The marker-joined document encoding gives each sentence's own ids, edge cases included, and a
+    batch whose text holds the marker character falls back to sentence by sentence."""
+    docs = [naive_sentences(d) for d in demo_docs[:400]] + [
+        ["  leading", "trailing  ", "", " ", "x"], ["你好。", "世界！", "中文"], ["##e", "[SEP] inside", "a[CLS]b"], [],
+        ["\u0301e", "e\u0301", "\t tab", "ÆØÅ æøå"], ["[unused0]"], [""]]
+    tok = train_tokenizer(TokenizerConfig(kind=kind, vocab_size=500, **options), [demo_docs[:300]])
+    table = word_start_table(tok)
+    marker = _marked_tokenizer(tok)
+    ref = encode_sentences(tok, [s for d in docs for s in d], table)
+    column = pa.array(docs, type=pa.list_(pa.string()))
+    got = _encode_documents(marker, column, table)
+    for r, g in zip(ref, got):
+        assert r.tolist() == g.tolist()
+    assert marker.id not in got[0]
+    # A slice (as iter_batches gives for part of a row group) starting mid-corpus.
+    tail = _encode_documents(marker, column.slice(7), table)
+    skip = sum(len(d) for d in docs[:7])
+    assert tail[2].tolist() == ref[2][skip:].tolist()
+    assert tail[0].tolist() == ref[0][int(ref[2][:skip].sum()):].tolist()
+    with_marker = pa.array([["a", "b" + marker.char]], type=pa.list_(pa.string()))
+    assert _encode_documents(marker, with_marker, table) is None
+
+
+def test_heldout_split_holds_out_at_least_one_document(tmp_path):
+    docs = ["Første dokument her.", "Andre dokument her.", "Tredje dokument her."]
+    files = corpus_files(write_corpus(docs, tmp_path / "c"))
+    ids = [f"doc-{i:08d}" for i in range(3)]
+    tiny = heldout_split(files, 1e-9)
+    assert not any(is_heldout(i, 1e-9) for i in ids)
+    assert sum(tiny(i) for i in ids) == 1
+    everything = heldout_split(files, 0.999999)
+    assert sum(everything(i) for i in ids) == 2
+    assert sum(heldout_split(files, 0.0)(i) for i in ids) == 0
+    one = corpus_files(write_corpus(docs[:1], tmp_path / "one"))
+    assert not heldout_split(one, 1e-9)("doc-00000000")
 
 
 def test_encode_sentences_word_starts(small):
@@ -104,3 +151,10 @@ def test_missing_column_is_a_clear_error(tmp_path):
         corpus_files(tmp_path)
     with pytest.raises(DataError, match="no \\*.parquet files"):
         corpus_files(tmp_path / "nothing")
+
+
+def test_heldout_mask_matches_the_split_per_id():
+    ids = [f"doc-{i}" for i in range(3000)] + ["x", "y"]
+    for split in (HeldoutSplit(0.1), HeldoutSplit(0.0), HeldoutSplit(0.1, forced_heldout="x"),
+                  HeldoutSplit(0.999, forced_train="y")):
+        assert split.mask(ids).tolist() == [split(i) for i in ids]
