@@ -3,7 +3,8 @@
 Writes into `run.work_dir`:
 
 - `tokenizer/`   a Hugging Face folder that `AutoTokenizer.from_pretrained` loads offline
-- `report.json`  fertility, unknown rate, whole-word share and round trips on held-out documents
+- `report.json`  fertility (characters per token for Chinese), unknown rate, whole-word share or
+                 lexicon coverage, and round trips on held-out documents (tokenization/report.py)
 - `tokens/`      packed shards (kompakt/shards.py) of the training documents only
 - `heldout/`     the same format, of the held-out documents only, for pretraining's evaluation
 - `tokenizer/lexicon.txt`  Chinese with `lexicon` only: the word lexicon of lattice models, kept in
@@ -25,7 +26,7 @@ from kompakt.runs import StageRun, write_json_atomic
 from kompakt.tokenization.corpus import corpus_files, heldout_split, iter_texts, row_counts
 from kompakt.tokenization.lexicon import build_lexicon, lexicon_source, write_lexicon
 from kompakt.tokenization.pretokenize import pretokenize
-from kompakt.tokenization.report import evaluate
+from kompakt.tokenization.report import evaluate, report_rows
 from kompakt.tokenization.train import save_hf, special_tokens, train_tokenizer
 
 
@@ -44,27 +45,22 @@ def run(cfg: TokenizerConfig, corpus_dir: Path, run: StageRun) -> None:
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     save_hf(tok, cfg, run.work_dir / "tokenizer")
 
-    num_lexicon_words = None
+    num_lexicon_words, lexicon = None, None
     if cfg.lexicon is not None:
         words = build_lexicon(tok.get_vocab(with_added_tokens=False), lexicon_source(cfg.lexicon), cfg.lexicon_size)
         write_lexicon(run.work_dir / "tokenizer" / "lexicon.txt", words)
-        num_lexicon_words = len(words)
+        num_lexicon_words, lexicon = len(words), [w for w, _ in words]
 
     with run.timed("report_s"):
         scores = evaluate(tok, cfg.kind, iter_texts(files, split, heldout=True),
-                          special_tokens(cfg.family)["unk_token"])
+                          special_tokens(cfg.family)["unk_token"], chinese_chars=cfg.chinese_chars, lexicon=lexicon)
     report = {"kind": cfg.kind, "family": cfg.family, "vocab_size": vocab_size, "lowercase": cfg.lowercase,
               "strip_accents": cfg.strip_accents, "heldout": scores}
     if num_lexicon_words is not None:
         report.update(num_lexicon_words=num_lexicon_words, lexicon="tokenizer/lexicon.txt")
     write_json_atomic(run.work_dir / "report.json", report)
-    table(f"tokenizer {cfg.kind}/{cfg.family}, held-out documents", ["metric", "value"], [
-        ("vocabulary size", vocab_size), ("held-out documents", scores["num_docs"]),
-        ("fertility (tokens per word)", scores["fertility"]), ("unknown-token rate", scores["unk_rate"]),
-        ("words kept whole", scores["whole_word_rate"]),
-        (f"round trip vs {scores['round_trip_target']}", scores["round_trip_rate"]),
-        ("round trip vs normalised text", scores["round_trip_strict_rate"]),
-    ])
+    table(f"tokenizer {cfg.kind}/{cfg.family}, held-out documents", ["metric", "value"],
+          report_rows(scores, vocab_size))
 
     with run.timed("pretokenize_s"):
         indexes = pretokenize(tok, files, run.work_dir / "tokens", cfg.docs_per_shard, cfg.num_proc,

@@ -81,3 +81,26 @@ def test_config_rejects_chinese_options_that_cannot_work():
         TokenizerConfig(lexicon="jieba")
     assert TokenizerConfig(vocab_size=30_000).vocab_size_rounded == 30_016
     assert np.all([TokenizerConfig(vocab_size=v).vocab_size_rounded % 64 == 0 for v in (64, 65, 127, 50_000)])
+
+
+def test_report_counts_characters_not_whitespace_words(chinese_run):
+    """Fertility per whitespace word is a whole sentence here; the report speaks per character."""
+    _, out = chinese_run
+    h = json.loads((out / "report.json").read_text())["heldout"]
+    assert h["units"] == "characters" and h["fertility"] is None and h["whole_word_rate"] is None
+    assert h["chars_per_token"] == 1.0  # character-level: one token per character
+    assert h["unk_per_char"] == 0.0
+    # jieba's 40 most frequent words over these characters cover about half of them (我们, 北京, 中国...).
+    assert 0.2 < h["lexicon_coverage"] <= 1.0
+    assert h["round_trip_spacing_rate"] == 1.0
+
+
+def test_mostly_cjk_text_is_reported_per_character_without_chinese_chars():
+    from kompakt.tokenization.report import evaluate
+    from kompakt.tokenization.train import train_tokenizer
+
+    tok = train_tokenizer(TokenizerConfig(kind="unigram", family="albert", vocab_size=300), [SENTENCES * 6])
+    h = evaluate(tok, "unigram", [SENTENCES], "<unk>")
+    assert h["units"] == "characters" and h["lexicon_coverage"] is None
+    assert h["chars_per_token"] > 1.0  # unigram pieces span several characters
+    assert h["round_trip_exact_rate"] == 1.0
