@@ -3,10 +3,12 @@
 `tokenizers`' UnigramTrainer sums each piece's expected count over the training words in hash-map
 order, and that order comes from a per-process random seed, so two trainings on the same corpus
 give log-probabilities that differ by about 4e-11 (the demo corpus, 2,048 pieces) and pieces of
-(nearly) equal score in a different order. The pieces it keeps were the same in every trial; only
-the scores move. Rounding them cannot fix that: with 32k pieces and noise of 1e-10, a rounding
-grid of 1e-6 puts several pieces on the other side of a grid line in every training. So the scores
-are estimated again here from the word counts, in sorted-word order, with numpy's sequential sums:
+(nearly) equal score in a different order; the characters it adds at the end get scores of
+min_score + k * 1e-4 with k in hash order too (differences up to 0.002). The pieces it keeps were
+the same in all 8 trials on the demo corpus; only the scores moved. Rounding them cannot fix that:
+with 32k pieces and noise of 1e-10, a rounding grid of 1e-6 puts several pieces on the other side
+of a grid line in every training. So the scores are estimated again here from the word counts, in
+sorted-word order, with numpy's sequential sums:
 
 1. count the pre-tokenised words of the training texts (the trainer's own normaliser and
    pre-tokenizer, so the words are the trainer's words);
@@ -15,13 +17,16 @@ are estimated again here from the word counts, in sorted-word order, with numpy'
    the same in every run while already close to the answer;
 3. run `NUM_EM_STEPS` steps of the trainer's own EM (forward-backward over each word's lattice,
    then the Bayesian M-step `digamma(count) - digamma(total)`) on the fixed vocabulary;
-4. round to 1e-9 nats (so a last-bit difference in a libm's exp/log on another machine changes
-   nothing; 1e-9 nats is 1e-9 relative probability, far below anything Viterbi decoding notices)
-   and order the pieces by (score desc, piece).
+4. round to 1e-6 nats and order the pieces by (score desc, piece). In one process and on one
+   machine the result is exact anyway; the rounding is for machines whose numpy picks other SIMD
+   code for exp and log: a last-bit difference (about 1e-14 nats after the EM steps) crosses a
+   1e-6 grid line with a chance of about 2e-8 a piece, 6e-4 for 32k pieces, where keeping every
+   digit would change the bytes every time.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from typing import Callable, Iterable
 
@@ -35,8 +40,12 @@ from tokenizers import Tokenizer
 NUM_EM_STEPS = 4
 # Rounding of the start (nats): much coarser than the trainer's noise, see the module docstring.
 START_GRID = 0.1
+# Distinct words the EM steps run over, most frequent first. The demo corpus's 96k words give 19
+# lattice edges a word and peak at 1.8 kB a word, so 1M words need about 2 GB and half a minute to
+# build; a piece seen only in rarer words gets the lowest score (see MIN_EXPECTED).
+MAX_WORDS = 1_000_000
 # Decimals kept in the final scores.
-SCORE_DECIMALS = 9
+SCORE_DECIMALS = 6
 # A piece's expected count is floored at the trainer's own pruning threshold (0.5 occurrences)
 # before the digamma, so a piece the final vocabulary never uses keeps a finite, lowest score.
 MIN_EXPECTED = 0.5
@@ -77,10 +86,11 @@ class _Lattices:
     """
 
     def __init__(self, words: list[str], counts: np.ndarray, vocab: dict[str, int], max_piece_chars: int):
-        src, dst, pid, wid, pos_end, pos_start = [], [], [], [], [], []
-        base = 0
-        bases, lengths = [], []
-        for w, word in enumerate(words):
+        # array('q'), not lists: 8 bytes a value instead of about 36 (1M words give about 19M edges).
+        src, dst, pid = array("q"), array("q"), array("q")
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        self.base = np.cumsum(lengths + 1) - (lengths + 1)
+        for word, base in zip(words, self.base.tolist()):
             n = len(word)
             for a in range(n):
                 for b in range(a + 1, min(n, a + max_piece_chars) + 1):
@@ -89,24 +99,16 @@ class _Lattices:
                         src.append(base + a)
                         dst.append(base + b)
                         pid.append(i)
-                        wid.append(w)
-                        pos_start.append(a)
-                        pos_end.append(b)
-            bases.append(base)
-            lengths.append(n)
-            base += n + 1
-        self.num_nodes = base
-        self.base = np.asarray(bases, dtype=np.int64)
-        self.end = self.base + np.asarray(lengths, dtype=np.int64)
+        self.num_nodes = int((lengths + 1).sum())
+        self.end = self.base + lengths
         self.counts = counts
-        self.src = np.asarray(src, dtype=np.int64)
-        self.dst = np.asarray(dst, dtype=np.int64)
-        self.pid = np.asarray(pid, dtype=np.int64)
-        self.wid = np.asarray(wid, dtype=np.int64)
+        self.src, self.dst, self.pid = (np.frombuffer(x, dtype=np.int64) for x in (src, dst, pid))
+        self.wid = np.searchsorted(self.base, self.src, side="right") - 1
+        pos_start = self.src - self.base[self.wid]
+        pos_end = self.dst - self.base[self.wid]
         # Stable sorts: a fixed order of summation in every run.
-        self.fwd = self._groups(np.lexsort((self.dst, np.asarray(pos_end, dtype=np.int64))), np.asarray(pos_end), self.dst)
-        self.bwd = self._groups(np.lexsort((self.src, np.asarray(pos_start, dtype=np.int64)))[::-1].copy(),
-                                np.asarray(pos_start), self.src)
+        self.fwd = self._groups(np.lexsort((self.dst, pos_end)), pos_end, self.dst)
+        self.bwd = self._groups(np.lexsort((self.src, pos_start))[::-1].copy(), pos_start, self.src)
 
     @staticmethod
     def _groups(order: np.ndarray, pos: np.ndarray, node: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -150,7 +152,8 @@ def rescore(pieces: list[tuple[str, float]], counts: Counter, max_piece_chars: i
     """Scores of a fixed set of pieces re-estimated by EM in a fixed order; sorted (score desc, piece)."""
     pieces = sorted(pieces)
     vocab = {p: i for i, (p, _) in enumerate(pieces)}
-    words = sorted(counts)
+    # The most frequent words, ties by spelling; sorted so the sums run in the same order everywhere.
+    words = sorted(sorted(counts, key=lambda w: (-counts[w], w))[:MAX_WORDS])
     lat = _Lattices(words, np.asarray([counts[w] for w in words], dtype=np.float64), vocab, max_piece_chars)
     scores = np.round(np.asarray([s for _, s in pieces], dtype=np.float64) / START_GRID) * START_GRID
     for _ in range(NUM_EM_STEPS):
