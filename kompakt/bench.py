@@ -42,7 +42,14 @@ def run(what: str, recipe: str, quick: bool = False) -> dict:
         from kompakt.data_prep.bench import dedup_rate
         from kompakt.tokenization.bench import pretokenize_throughput
 
-        result = pretokenize_throughput(recipe, quick=quick)
+        from kompakt.config import load_recipe
+        from kompakt.pipeline import Pipeline
+
+        try:  # data_prep failing must not hide the tokenizer figures: the bench falls back to raw text
+            prepared = Pipeline(load_recipe(recipe)).ensure("prepare")
+        except Exception as err:
+            prepared = err
+        result = pretokenize_throughput(recipe, quick=quick, prepared=prepared)
         result["dedup"] = dedup_rate(recipe, quick=quick)
     elif what in ("model", "train"):
         # The dispatcher resolves the upstream stages; the stage benchmarks only receive folders.

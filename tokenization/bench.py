@@ -42,12 +42,15 @@ def _raw_documents(files: list[Path], paragraph: bool) -> list[str]:
     return [d for d in docs if d.strip()]
 
 
-def _corpus(recipe, work: Path, quick: bool) -> tuple[list[Path], str]:
-    """The corpus files to time, and where they came from."""
-    from kompakt import pipeline
+def _corpus(recipe, work: Path, quick: bool, prepared: Path | Exception | None) -> tuple[list[Path], str]:
+    """The corpus files to time, and where they came from.
 
+    `prepared` is the data_prep stage folder the dispatcher (kompakt/bench.py) ensured, or the error
+    that stopped it; stage code never runs the pipeline itself.
+    """
     try:
-        prepared = pipeline.prepare(recipe)
+        if isinstance(prepared, Exception):
+            raise prepared
         if prepared is None:
             raise RuntimeError("data.shard_index is set, so no merged corpus")
         files, source = corpus_files(prepared), f"data_prep output {prepared}"
@@ -84,13 +87,13 @@ def _best_interleaved(num_repeats: int, *fns) -> list[tuple[float, float]]:
     return best
 
 
-def pretokenize_throughput(recipe: str, quick: bool = False) -> dict:
+def pretokenize_throughput(recipe: str, quick: bool = False, prepared: Path | Exception | None = None) -> dict:
     """Time our pre-tokenisation into shards against raw encode_batch on the recipe's corpus."""
     rec = load_recipe(recipe)
     cfg = rec.tokenizer or TokenizerConfig()
     with tempfile.TemporaryDirectory(prefix="kompakt-bench-tok-") as tmp:
         work = Path(tmp)
-        files, source = _corpus(rec, work, quick)
+        files, source = _corpus(rec, work, quick, prepared)
         info(f"bench data: corpus from {source}")
         train_cfg = cfg.model_copy(update={"max_train_docs": QUICK_TRAIN_DOCS}) if quick else cfg
         split = heldout_split(files, cfg.heldout_fraction)

@@ -40,13 +40,11 @@ MAX_PIECE_CHARS = 16
 
 
 def special_tokens(family: str) -> dict[str, str]:
-    """The family's special tokens by role, in id order (pad=0, unk=1, cls=2, sep=3, mask=4)."""
-    if family == "albert":
-        return {"pad_token": "<pad>", "unk_token": "<unk>", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                "mask_token": "[MASK]"}
-    # bert, spanbert and lattice share BERT's names.
-    return {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-            "mask_token": "[MASK]"}
+    """The family's special tokens by role, in id order (pad=0, unk=1, cls=2, sep=3, mask=4),
+    from its registry entry (kompakt/families.py)."""
+    from kompakt import families
+
+    return dict(families.get(family).special_tokens)
 
 
 def _normalizer(cfg: TokenizerConfig) -> normalizers.Normalizer | None:
