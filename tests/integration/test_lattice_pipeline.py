@@ -153,9 +153,10 @@ def test_lattice_pipeline_end_to_end(tmp_path, capfd):
     lexicon = [line.split("\t")[0] for line in (tok / "tokenizer" / "lexicon.txt").read_text("utf-8").splitlines()]
     assert tok_manifest["counts"]["num_lexicon_words"] == len(lexicon) > 100
     assert {"公园", "图书馆", "天气"} <= set(lexicon)
-    shards = TokenShards(tok / "tokens")
-    assert shards.num_docs == len(rows) == tok_manifest["counts"]["num_docs"]
-    assert shards.num_tokens >= sum(len(r["text"]) for r in rows) * 0.9
+    shards, held = TokenShards(tok / "tokens"), TokenShards(tok / "heldout")
+    assert shards.num_docs == tok_manifest["counts"]["num_docs"] and held.num_docs >= 1
+    assert shards.num_docs + held.num_docs == len(rows)
+    assert shards.num_tokens + held.num_tokens >= sum(len(r["text"]) for r in rows) * 0.9
 
     # pretrain: finite losses, MSP logged, the lexicon sized the word table.
     pre_manifest = read_manifest(pre)
