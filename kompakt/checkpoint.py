@@ -141,18 +141,13 @@ def _ds(engine):
     return getattr(engine, "ds", engine)
 
 
-def file_digest(path: Path) -> str:
-    """BLAKE2b-128 of a file's bytes, read in 4 MB blocks."""
-    return content_digest(path)
-
-
 def _file_table(tag_dir: Path) -> dict[str, list]:
     """{relative path: [size, digest]} of every file in a checkpoint directory but the markers."""
     out = {}
     for path in sorted(p for p in Path(tag_dir).rglob("*") if p.is_file()):
         rel = path.relative_to(tag_dir).as_posix()
         if rel not in (FILES, COMPLETE):
-            out[rel] = [path.stat().st_size, file_digest(path)]
+            out[rel] = [path.stat().st_size, content_digest(path)]
     return out
 
 
@@ -181,7 +176,7 @@ def verify(tag_dir: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} has {path.stat().st_size} bytes, {size} were saved (truncated?)"
-        if file_digest(path) != digest:
+        if content_digest(path) != digest:
             return f"{path} does not match the digest recorded at save time (corrupt)"
     return None
 

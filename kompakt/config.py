@@ -28,6 +28,19 @@ from kompakt.pretrain_config import PretrainConfig
 from kompakt.train_config import hashed_config, runtime_field
 
 
+def _yaml_no(v):
+    """YAML 1.1 reads an unquoted `no` (Norwegian) as false; turn it back so the error can say nb/nn."""
+    return ["no" if x is False else x for x in v] if isinstance(v, list) else v
+
+
+def _language_codes(v: list[str], key: str) -> list[str]:
+    """Lower-cased ISO 639-1 codes; an unknown one fails at start-up (naming `key`), not after reading data."""
+    codes = [str(x).strip().lower() for x in v]
+    for code in codes:
+        check_language(code, key=key)
+    return codes
+
+
 # ---------------------------------------------------------------------------------------------
 # data_prep
 # ---------------------------------------------------------------------------------------------
@@ -81,16 +94,12 @@ class DataConfig(StrictModel):
     @field_validator("languages", mode="before")
     @classmethod
     def _yaml_no(cls, v):
-        # YAML 1.1 reads an unquoted `no` (Norwegian) as false; turn it back so the error can say nb/nn.
-        return ["no" if x is False else x for x in v] if isinstance(v, list) else v
+        return _yaml_no(v)
 
     @field_validator("languages")
     @classmethod
     def _lower(cls, v: list[str]) -> list[str]:
-        codes = [str(x).strip().lower() for x in v]
-        for code in codes:  # an unknown code fails at start-up, not after reading the corpus
-            check_language(code)
-        return codes
+        return _language_codes(v, "data.languages")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -136,9 +145,8 @@ class TokenizerConfig(StrictModel):
     def _check(self) -> TokenizerConfig:
         from kompakt import families
 
-        if self.family not in families.FAMILIES:
-            raise ValueError(f"tokenizer.family={self.family!r} is not a registered family; use one of "
-                             f"{', '.join(sorted(families.FAMILIES))}")
+        if problem := families.unknown(self.family, "tokenizer.family"):
+            raise ValueError(problem)
         # Character-level Chinese relies on BERT's normaliser putting spaces around CJK characters.
         if self.chinese_chars and self.kind != "wordpiece":
             raise ValueError("tokenizer.chinese_chars needs tokenizer.kind=wordpiece")
@@ -169,15 +177,12 @@ class ReleaseConfig(StrictModel):
     @field_validator("language", mode="before")
     @classmethod
     def _yaml_no(cls, v):
-        return ["no" if x is False else x for x in v] if isinstance(v, list) else v
+        return _yaml_no(v)
 
     @field_validator("language")
     @classmethod
     def _codes(cls, v: list[str]) -> list[str]:
-        codes = [str(x).strip().lower() for x in v]
-        for code in codes:
-            check_language(code, key="release.language")
-        return codes
+        return _language_codes(v, "release.language")
 
 
 class Recipe(StrictModel):

@@ -59,13 +59,19 @@ def register(family: Family) -> Family:
     return family
 
 
+def unknown(name: str, key: str = "model.family") -> str | None:
+    """None for a registered family, else the one-line message naming `key` and the known families."""
+    if name in FAMILIES:
+        return None
+    return f"{key}={name!r} is not a registered family; use one of {', '.join(sorted(FAMILIES))}"
+
+
 def get(name: str) -> Family:
     """The registered family `name`; a ConfigError listing the known ones otherwise."""
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ConfigError(f"model.family={name!r} is not a registered family; use one of "
-                          f"{', '.join(sorted(FAMILIES))}") from None
+    problem = unknown(name)
+    if problem:
+        raise ConfigError(problem)
+    return FAMILIES[name]
 
 
 register(Family("bert", build="kompakt.models.bert:BertForMaskedLM", export="kompakt.hf:export",

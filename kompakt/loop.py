@@ -164,6 +164,14 @@ def _trim_metrics(path: Path, step: int | None) -> None:
         os.replace(tmp, path)
 
 
+def _interval_sums(interval: dict, device) -> tuple[float, float, dict[str, float]]:
+    """(loss sum, finite steps, named-loss sums) of a logging interval, summed over ranks (a collective)."""
+    parts = sorted(interval["parts"])
+    loss_sum, ok_sum, *part_sums = _all_reduce_sum(
+        [interval["loss"], interval["ok"]] + [interval["parts"][k] for k in parts], device)
+    return loss_sum, ok_sum, dict(zip(parts, part_sums))
+
+
 def _new_interval() -> dict:
     return {"tokens": 0.0, "loss": 0.0, "steps": 0, "ok": 0, "parts": {}}
 
@@ -227,13 +235,11 @@ def train_loop(engine: TrainEngine, section: TrainSection, loader, *, out_dir: P
 
     def save() -> Path:
         # The partial interval, summed over ranks (save is a collective, so every rank is here).
-        parts = sorted(interval["parts"])
-        loss_sum, ok_sum, *part_sums = _all_reduce_sum(
-            [interval["loss"], interval["ok"]] + [interval["parts"][k] for k in parts], device)
+        loss_sum, ok_sum, part_sums = _interval_sums(interval, device)
         state = {"step": step, "tokens_seen": tokens_seen, "num_skipped": num_skipped, "world_size": world,
                  "accumulation_steps": accum,
                  "interval": {"loss": loss_sum, "ok": ok_sum, "steps": interval["steps"],
-                              "parts": dict(zip(parts, part_sums))},
+                              "parts": part_sums},
                  **(train_state_extra or {})}
         return checkpoint.save(engine, ckpt_root, step, state, loader.state_dict(), run.keep_last,
                                section.engine.zero_stage)
@@ -307,11 +313,9 @@ def train_loop(engine: TrainEngine, section: TrainSection, loader, *, out_dir: P
                 eval_loss = evaluate(engine, eval_batches, step_fn, teacher)
             if step % run.log_every == 0 or step == section.max_steps:
                 dt = time.perf_counter() - t0
-                parts = sorted(interval["parts"])
-                loss_sum, ok_sum, *part_sums = _all_reduce_sum(
-                    [interval["loss"], interval["ok"]] + [interval["parts"][k] for k in parts], device)
+                loss_sum, ok_sum, part_sums = _interval_sums(interval, device)
                 last_losses = {"loss": loss_sum / max(ok_sum, 1.0)}
-                last_losses.update({k: v / max(ok_sum, 1.0) for k, v in zip(parts, part_sums)})
+                last_losses.update({k: v / max(ok_sum, 1.0) for k, v in part_sums.items()})
                 tokens_per_s = timed_tokens / max(dt, 1e-9)
                 if is_main:
                     row = {"step": step, "tokens_seen": tokens_seen, "lr": engine.lr(),

@@ -70,9 +70,8 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> ModelConfig:
-        if self.family not in families.FAMILIES:
-            raise ValueError(f"model.family={self.family!r} is not a registered family; use one of "
-                             f"{', '.join(sorted(families.FAMILIES))}")
+        if problem := families.unknown(self.family):
+            raise ValueError(problem)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
                              f"model.num_heads={self.num_heads}")
