@@ -88,6 +88,7 @@ class Pipeline:
     recipe: Recipe
     _dirs: dict[str, tuple[Path, dict, dict]] = field(default_factory=dict)
     _done: dict[str, Path | None] = field(default_factory=dict)
+    _parts: list | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -152,7 +153,16 @@ class Pipeline:
 
 
 def prepare_parts(p: Pipeline) -> list[tuple[list[Path], dict, Path]]:
-    """Per data_prep part: its input files (`files[i::num_shards]`), its input hashes and its directory."""
+    """Per data_prep part: its input files (`files[i::num_shards]`), its input hashes and its directory.
+
+    Fingerprinting reads every input file (up to 256 MB each), so a command does it once.
+    """
+    if p._parts is None:
+        p._parts = _prepare_parts(p)
+    return p._parts
+
+
+def _prepare_parts(p: Pipeline) -> list[tuple[list[Path], dict, Path]]:
     recipe = p.recipe
     files = recipe.resolve_inputs()
     n = recipe.data.num_shards
