@@ -144,7 +144,7 @@ def train_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
     from kompakt.models import build_pretraining_model
     from kompakt.pretrain.data import PackedLoader, build_examples, layout
     from kompakt.pretrain.loop import train
-    from kompakt.pretrain.stage import heldout_by_document
+    from kompakt.pretrain.stage import heldout_by_document, heldout_doc_ids
     from kompakt.shards import TokenShards
     from kompakt.tokenizer import SpecialIds, load_tokenizer
 
@@ -178,8 +178,8 @@ def train_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
     else:  # older tokenizer stages: hold out whole documents of tokens/ as pretraining does
         heldout_shards = shards
         train_examples, _ = heldout_by_document(shards, examples)
-        held_ids = [g for g in range(shards.num_docs) if g % 100 == 99]
-        train_ids = [g for g in range(shards.num_docs) if g % 100 != 99]
+        held_ids = heldout_doc_ids(shards.num_docs).tolist()
+        train_ids = sorted(set(range(shards.num_docs)) - set(held_ids))
     max_docs = 4000 if quick else 20000
     docs = _documents(shards, train_ids[:max_docs], seq_len, specials.cls, specials.sep)
     held_docs = [d for d in _documents(heldout_shards, held_ids[:400], seq_len, specials.cls, specials.sep) if len(d) >= 4]

@@ -55,6 +55,15 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def heldout_doc_ids(num_docs: int) -> np.ndarray:
+    """The documents (global numbers) held out of a shard set without `heldout/`: every
+    HELDOUT_EVERY-th one, and at least the last of two or more."""
+    held = np.flatnonzero(np.arange(num_docs) % HELDOUT_EVERY == HELDOUT_EVERY - 1)
+    if len(held) == 0 and num_docs > 1:
+        held = np.array([num_docs - 1])
+    return held
+
+
 def heldout_by_document(shards, examples):
     """(training, held-out) examples of one shard set, held out by whole document.
 
@@ -69,10 +78,7 @@ def heldout_by_document(shards, examples):
         rows = np.flatnonzero(examples.shard == k)
         local = np.searchsorted(shard.doc_offsets, examples.start[rows], side="right") - 1
         doc_of[rows] = local + int(shards.doc_starts[k])
-    held_docs = np.flatnonzero(np.arange(shards.num_docs) % HELDOUT_EVERY == HELDOUT_EVERY - 1)
-    if len(held_docs) == 0 and shards.num_docs > 1:
-        held_docs = np.array([shards.num_docs - 1])
-    held = np.isin(doc_of, held_docs)
+    held = np.isin(doc_of, heldout_doc_ids(shards.num_docs))
 
     def take(mask):
         return ExampleIndex(shard=examples.shard[mask], start=examples.start[mask], length=examples.length[mask])
