@@ -103,13 +103,19 @@ def test_case2_no_intact_checkpoint_is_one_clear_line(tok, tmp_path):
     assert "Traceback" not in err
 
 
-def test_case6_sigterm_during_start_up_exits_for_a_requeue(tok, tmp_path):
+def sigterm_at(tok: Path, tmp_path: Path, point: str) -> Path:
+    """Run the stage until it pauses at `point`, send SIGTERM there, and expect the requeue exit."""
     out, flag = tmp_path / "run", tmp_path / "flag"
-    proc = start(tok, out, KOMPAKT_TEST_PAUSE_AT="startup", KOMPAKT_TEST_FLAG=str(flag))
+    proc = start(tok, out, KOMPAKT_TEST_PAUSE_AT=point, KOMPAKT_TEST_FLAG=str(flag))
     wait_for(flag, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == REQUEUE, err[-2000:]
+    return out
+
+
+def test_case6_sigterm_during_start_up_exits_for_a_requeue(tok, tmp_path):
+    out = sigterm_at(tok, tmp_path, "startup")
     assert not list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else True
     run(tok, out)
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
@@ -117,12 +123,7 @@ def test_case6_sigterm_during_start_up_exits_for_a_requeue(tok, tmp_path):
 
 @pytest.mark.slow  # ~15 s; the start-up case above runs in `make test`
 def test_case6_sigterm_before_the_export_exits_for_a_requeue_then_exports(tok, tmp_path):
-    out, flag = tmp_path / "run", tmp_path / "flag"
-    proc = start(tok, out, KOMPAKT_TEST_PAUSE_AT="before_export", KOMPAKT_TEST_FLAG=str(flag))
-    wait_for(flag, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == REQUEUE, err[-2000:]
+    out = sigterm_at(tok, tmp_path, "before_export")
     assert not (out / "manifest.json").exists()
     run(tok, out)
     assert (out / "export" / "config.json").is_file()

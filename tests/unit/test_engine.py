@@ -95,6 +95,11 @@ def test_pretrain_config_rejects_inconsistent_values():
 
 
 def test_launcher_detection(monkeypatch):
+    import os
+
+    # setup_env writes RANK and friends into os.environ itself; give it a copy so nothing leaks into
+    # later tests (a leaked RANK=5 silences rank-0 status lines in every test after this one).
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                 "SLURM_LOCALID", "SLURM_NODELIST", "SLURM_JOB_ID"):
         monkeypatch.delenv(var, raising=False)
