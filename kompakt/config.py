@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from kompakt.compress_config import CompressConfig
 from kompakt.config_base import StrictModel
 from kompakt.errors import ConfigError
 from kompakt.languages import check_language
@@ -194,6 +195,7 @@ class Recipe(StrictModel):
     tokenizer: TokenizerConfig | None = None
     model: ModelConfig | None = None
     pretrain: PretrainConfig | None = None
+    compress: CompressConfig | None = None
     release: ReleaseConfig = ReleaseConfig()
 
     def release_metadata(self) -> dict:

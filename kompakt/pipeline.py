@@ -50,6 +50,15 @@ class Stage:
     description: str = ""
     in_place: bool = False
     raw_inputs: bool = False  # hashes the recipe's input files rather than upstream stages
+    # "module:function(recipe) -> (extra upstream stages, extra inputs)": what the recipe adds, e.g.
+    # compress reads the pretrain stage only when its teacher is this recipe's own model.
+    dynamic: str = ""
+
+    def upstream_for(self, recipe: Recipe) -> tuple[tuple[str, ...], dict[str, str]]:
+        if not self.dynamic:
+            return self.upstream, {}
+        more, inputs = _body(self.dynamic)(recipe)
+        return self.upstream + tuple(more), inputs
 
     def enabled(self, recipe: Recipe) -> bool:
         return getattr(recipe, self.sections[0], None) is not None
@@ -78,6 +87,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
                       "many (launch with torchrun, srun or deepspeed), saving kill-safe checkpoints; run.resume: "
                       "auto continues. SIGTERM/SIGUSR1 or the time limit save and exit with status 75 for a "
                       "requeue. Ends with an HF export."),
+    Stage("compress", ("compress",), ("tokenizer",), "kompakt.pipeline:_compress_body", in_place=True,
+          dynamic="kompakt.pipeline:_compress_upstream",
+          help="distil, drop layers, prune and quantize the teacher into smaller students",
+          description="compress: turns the teacher (this recipe's pretraining export, or compress.teacher: a stock "
+                      "BERT/ALBERT folder with the tokenizer stage's vocabulary) into the students of "
+                      "compress.students: distill (TinyBERT, MiniLMv2 relations, CompRess), layer_drop, prune, "
+                      "quantize. Each is a Hugging Face folder under students/ with a model card giving its size "
+                      "and measured speed against the teacher. Distillation is kill-safe and resumes."),
 ]}
 
 
@@ -110,7 +127,9 @@ class Pipeline:
             if stage.raw_inputs:
                 inputs = {d.name: _hash_of(d) for _, _, d in prepare_parts(self)}
             else:
-                inputs = {up if up != "prepare" else "corpus": _hash_of(self.resolve(up)[0]) for up in stage.upstream}
+                upstream, extra = stage.upstream_for(self.recipe)
+                inputs = {up if up != "prepare" else "corpus": _hash_of(self.resolve(up)[0]) for up in upstream}
+                inputs.update(extra)
             self._dirs[name] = (stage_dir(self.run_dir, name, config, inputs), config, inputs)
         return self._dirs[name]
 
@@ -122,7 +141,7 @@ class Pipeline:
         from kompakt import dist
 
         several = dist.detect().world_size > 1
-        for up in stage.upstream:
+        for up in stage.upstream_for(self.recipe)[0]:
             if several:  # ranks must not race to build upstream stages
                 d = self.resolve(up)[0]
                 if not is_complete(d):
@@ -228,6 +247,39 @@ def _pretrain_body(p: Pipeline, stage: Stage, d: Path, config: dict, inputs: dic
     recipe = p.recipe
     return pretrain_stage.run(recipe.model, recipe.pretrain, p.upstream_dir("tokenizer"), d, stage_hash=_hash_of(d),
                               inputs=inputs, recipe_name=recipe.name, release=recipe.release_metadata())
+
+
+def _compress_upstream(recipe: Recipe) -> tuple[tuple[str, ...], dict[str, str]]:
+    teacher = recipe.compress.teacher
+    if teacher == "pretrain":
+        if recipe.pretrain is None:
+            raise ConfigError("compress.teacher=pretrain but the recipe has no pretrain section; add one or set "
+                              "compress.teacher to a BERT/ALBERT folder")
+        return ("pretrain",), {}
+    folder = recipe.path(teacher)
+    if not folder.is_dir():
+        raise ConfigError(f"compress.teacher: {folder} is not a folder; use 'pretrain' or a Hugging Face model folder")
+    return (), {"teacher": file_fingerprint(folder)}
+
+
+def _compress_body(p: Pipeline, stage: Stage, d: Path, config: dict, inputs: dict, force: bool) -> Path:
+    """compress: teacher -> `compress-<hash>/students/<name>/` HF folders with model cards, and manifest.json."""
+    from kompakt.compress import stage as compress_stage
+
+    recipe = p.recipe
+    cfg = recipe.compress
+    if cfg.teacher == "pretrain":
+        teacher_dir, label = p.upstream_dir("pretrain") / "export", f"{recipe.name} ({p.upstream_dir('pretrain').name})"
+    else:
+        teacher_dir, label = recipe.path(cfg.teacher), Path(cfg.teacher).name
+    if force and d.exists():
+        import shutil
+
+        shutil.rmtree(d)
+    info(f"compress: {d}")
+    return compress_stage.run(cfg, teacher_dir, p.upstream_dir("tokenizer"), d, stage_hash=_hash_of(d), inputs=inputs,
+                              recipe_name=recipe.name, release=recipe.release_metadata(), teacher_label=label,
+                              cache_root=p.run_dir / "cache")
 
 
 # --- the functions the CLI and older callers use ---------------------------------------------------

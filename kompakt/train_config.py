@@ -168,6 +168,8 @@ def hashed_config(section: BaseModel | None) -> dict:
             continue
         if isinstance(value, BaseModel):
             out[name] = hashed_config(value)
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, BaseModel) for v in value):
+            out[name] = [hashed_config(v) for v in value]  # compress.students: each a section of its own
         else:
             out[name] = section.__pydantic_serializer__.to_python(section, mode="json", include={name})[name]
     return out

@@ -25,6 +25,7 @@ from kompakt.models.bert import (
     init_weights,
     mlm_loss,
     packed_inputs,
+    record,
     self_attention,
 )
 from kompakt.models.packing import plan_attention
@@ -50,11 +51,12 @@ class AlbertLayer(nn.Module):
         self.ffn_output = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.num_heads, self.act, self.dropout = cfg.num_heads, cfg.act, cfg.dropout
 
-    def forward(self, x_TD: torch.Tensor, plan, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, plan, rows: torch.Tensor | None = None,
+                tap: dict | None = None) -> torch.Tensor:
         """(T, D) -> (T, D); with `rows`, only those rows go past attention and (len(rows), D) comes out."""
         a = self.attention
         ctx_TD = self_attention(x_TD, a.query, a.key, a.value, plan, self.num_heads,
-                                self.dropout if self.training else 0.0)
+                                self.dropout if self.training else 0.0, tap)
         if rows is not None:
             # Indexing, not index_select: its backward measured 3-10x faster on CPU (index_put vs scatter_add).
             x_TD, ctx_TD = x_TD[rows], ctx_TD[rows]
@@ -76,13 +78,17 @@ class AlbertTransformer(nn.Module):
         self.embedding_hidden_mapping_in = nn.Linear(cfg.embedding_size, cfg.hidden_size)
         self.albert_layer_groups = nn.ModuleList(AlbertLayerGroup(cfg) for _ in range(cfg.num_hidden_groups))
 
-    def forward(self, x_TE: torch.Tensor, plan, output_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_TE: torch.Tensor, plan, output_rows: torch.Tensor | None = None,
+                taps: list | None = None) -> torch.Tensor:
         x_TD = self.embedding_hidden_mapping_in(x_TE)
+        record(taps, x_TD)
         for i in range(self.num_layers):
             group = self.albert_layer_groups[group_index(i, self.num_layers, self.num_groups)]
             for j, layer in enumerate(group.albert_layers):
                 last = i == self.num_layers - 1 and j == len(group.albert_layers) - 1
-                x_TD = layer(x_TD, plan, output_rows if last else None)
+                tap = {} if taps is not None else None
+                x_TD = layer(x_TD, plan, output_rows if last else None, tap)
+                record(taps, x_TD, tap)
         return x_TD
 
 
@@ -104,13 +110,14 @@ class AlbertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
                 position_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+                output_rows: torch.Tensor | None = None, taps: list | None = None) -> torch.Tensor:
         """Hidden states (T, D), or only `output_rows` of them (N, D): as BertModel, the last layer use
-        then runs its output projection and feed-forward on those rows only (exact)."""
+        then runs its output projection and feed-forward on those rows only (exact). `taps` as BertModel's
+        (one entry per layer use)."""
         position_ids, token_type_ids = packed_inputs(input_ids, cu_seqlens, position_ids, token_type_ids)
         x_TE = self.embeddings(input_ids, position_ids, token_type_ids)
         plan = plan_attention(cu_seqlens, max_seqlen, x_TE.shape[0], self.cfg.attention, x_TE.dtype)
-        return self.encoder(x_TE, plan, output_rows)
+        return self.encoder(x_TE, plan, output_rows, taps)
 
     def pool(self, x_TD: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """tanh(pooler([CLS])) per sequence, (B, D)."""

@@ -57,13 +57,18 @@ class BertEmbeddings(nn.Module):
 
 
 def self_attention(x_TD: torch.Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, plan,
-                   num_heads: int, dropout_p: float) -> torch.Tensor:
-    """Multi-head self-attention inside each packed sequence; the context (T, D) before the output proj."""
+                   num_heads: int, dropout_p: float, tap: dict | None = None) -> torch.Tensor:
+    """Multi-head self-attention inside each packed sequence; the context (T, D) before the output proj.
+
+    With `tap` (a dict) the projected queries, keys and values are kept in it as `qkv` (T, 3, H, K):
+    distillation's attention and relation losses read them (kompakt/compress)."""
     T, D = x_TD.shape
     # One (D, 3D) matmul and one scatter instead of three; the weights stay HF's separate parameters.
     w_3DD = torch.cat([query.weight, key.weight, value.weight])
     b_3D = torch.cat([query.bias, key.bias, value.bias])
     qkv_T3HK = F.linear(x_TD, w_3DD, b_3D).view(T, 3, num_heads, D // num_heads)
+    if tap is not None:
+        tap["qkv"] = qkv_T3HK
     return attend_qkv(qkv_T3HK, plan, dropout_p).reshape(T, D)
 
 
@@ -75,6 +80,15 @@ def packed_inputs(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, position_id
     if token_type_ids is None:
         token_type_ids = torch.zeros_like(input_ids)
     return position_ids, token_type_ids
+
+
+def record(taps: list | None, x_TD: torch.Tensor, tap: dict | None = None) -> None:
+    """Append a stage's output (and what its attention kept in `tap`) to `taps`, when taps are asked for.
+
+    taps[0] is the embeddings' output (after ALBERT's mapping to D, as HF's `hidden_states[0]`),
+    taps[i] the output of layer i (1-based) with its `qkv`; the same layout as HF's hidden states."""
+    if taps is not None:
+        taps.append({**(tap or {}), "hidden": x_TD})
 
 
 def cls_rows(x_TD: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -131,11 +145,12 @@ class BertLayer(nn.Module):
         self.output = BertOutput(cfg)
         self.num_heads, self.act, self.dropout = cfg.num_heads, cfg.act, cfg.dropout
 
-    def forward(self, x_TD: torch.Tensor, plan, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, plan, rows: torch.Tensor | None = None,
+                tap: dict | None = None) -> torch.Tensor:
         """(T, D) -> (T, D); with `rows`, only those rows go past attention and (len(rows), D) comes out."""
         sa, so = self.attention.self, self.attention.output
         ctx_TD = self_attention(x_TD, sa.query, sa.key, sa.value, plan, self.num_heads,
-                                self.dropout if self.training else 0.0)
+                                self.dropout if self.training else 0.0, tap)
         if rows is not None:
             # Indexing, not index_select: its backward measured 3-10x faster on CPU (index_put vs scatter_add).
             x_TD, ctx_TD = x_TD[rows], ctx_TD[rows]
@@ -172,8 +187,11 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
                 position_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+                output_rows: torch.Tensor | None = None, taps: list | None = None) -> torch.Tensor:
         """Hidden states (T, D), or only `output_rows` of them, (N, D).
+
+        With `taps` (a list) it receives one dict per stage: `{"hidden"}` for the embeddings, then
+        `{"hidden", "qkv"}` per layer (see `record`), for distillation.
 
         With `output_rows` (the rows the heads read: masked positions, [CLS]) the last layer runs its
         output projection and feed-forward on those rows only; its keys and values still cover all T
@@ -182,9 +200,12 @@ class BertModel(nn.Module):
         position_ids, token_type_ids = packed_inputs(input_ids, cu_seqlens, position_ids, token_type_ids)
         x_TD = self.embeddings(input_ids, position_ids, token_type_ids)
         plan = plan_attention(cu_seqlens, max_seqlen, x_TD.shape[0], self.cfg.attention, x_TD.dtype)
+        record(taps, x_TD)
         last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
-            x_TD = layer(x_TD, plan, output_rows if i == last else None)
+            tap = {} if taps is not None else None
+            x_TD = layer(x_TD, plan, output_rows if i == last else None, tap)
+            record(taps, x_TD, tap)
         return x_TD
 
 

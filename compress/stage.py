@@ -1,0 +1,343 @@
+"""The compress stage: one teacher -> several students, each a stock Hugging Face folder with a model card.
+
+Reads top to bottom: the teacher (this recipe's pretraining export or a stock BERT/ALBERT folder)
+and its checks (model type, the vocabulary against the tokenizer stage's, every student's recipe
+entry) before anything runs; then each student in recipe order, by its method; then the manifest.
+
+The stage directory `<run_dir>/compress-<hash>/` is used in place, like pretraining's: a distilled
+student trains in `work/<name>/` with kill-safe checkpoints, and each finished student is written to
+`students/<name>.tmp` and renamed to `students/<name>/`, so a folder there is whole. A rerun skips
+students already written, and `manifest.json` with `complete: true` comes last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kompakt import dist
+from kompakt.compress_config import CompressConfig
+from kompakt.errors import ConfigError, DataError
+from kompakt.log import info, table
+from kompakt.loop import REQUEUE_EXIT, StopFlag, test_hook
+from kompakt.runs import content_digest, package_versions, write_json_atomic
+
+STUDENT_INFO = "kompakt_student.json"
+MODEL_FILES = ("model.safetensors", "model.onnx", "model_int8.onnx", "pytorch_model.bin")
+
+
+def check_teacher(teacher_dir: Path) -> dict:
+    """The teacher folder's config.json, refused with one line unless it is a BERT or ALBERT model."""
+    cfg_path = teacher_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"compress.teacher: {teacher_dir} has no config.json; point at a Hugging Face model folder")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise DataError(f"{cfg_path} is not valid JSON; re-export the teacher") from None
+    if cfg.get("model_type") not in ("bert", "albert"):
+        raise ConfigError(f"compress.teacher: {teacher_dir} is a {cfg.get('model_type')!r} model; compress supports "
+                          f"bert and albert teachers")
+    return cfg
+
+
+def vocabulary(folder: Path) -> dict[str, int]:
+    """token -> id of the tokenizer saved in a folder (tokenizer.json, or whatever AutoTokenizer reads)."""
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder)).get_vocab()
+    except Exception:
+        raise DataError(f"{folder} holds no tokenizer; save the teacher's tokenizer beside its weights") from None
+
+
+def check_same_vocab(teacher_dir: Path, tokenizer_dir: Path, what: str = "the tokenizer stage") -> None:
+    """Teacher and data (or student) must mean the same thing by every id: compare vocabularies, not names."""
+    a, b = vocabulary(teacher_dir), vocabulary(tokenizer_dir)
+    if a == b:
+        return
+    only_a = sorted(set(a) - set(b))[:3]
+    moved = [t for t in a if t in b and a[t] != b[t]][:3]
+    detail = (f"{len(a):,} vs {len(b):,} tokens" + (f", e.g. {only_a} only in the teacher's" if only_a else "")
+              + (f", {moved} with other ids" if moved else ""))
+    raise DataError(f"the teacher {teacher_dir} and {what} ({tokenizer_dir}) have different vocabularies ({detail}); "
+                    f"distil on data tokenised with the teacher's own tokenizer")
+
+
+def disk_bytes(folder: Path) -> int:
+    """Bytes of the model files in a folder (weights or ONNX graphs; tokenizer and card not counted)."""
+    return sum((folder / f).stat().st_size for f in MODEL_FILES if (folder / f).is_file())
+
+
+def count_params(folder: Path) -> int:
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def student_card(name: str, method: str, teacher_dir: Path, teacher_label: str, folder: Path, rows: list,
+                 speed: dict | None, release: dict, recipe_name: str) -> str:
+    """README.md of a student: what it came from, how, its size and its measured speed against the teacher."""
+    cfg = json.loads((folder / "config.json").read_text())
+    t_cfg = json.loads((teacher_dir / "config.json").read_text())
+    meta = ["library_name: transformers", "pipeline_tag: feature-extraction",
+            f"tags: [kompakt, {cfg.get('model_type')}, {method}, compressed]"]
+    if release.get("language"):
+        meta.append(f"language: [{', '.join(release['language'])}]")
+    if release.get("license"):
+        meta.append(f"license: {release['license']}")
+    size = [("teacher", f"{teacher_label}: {t_cfg['num_hidden_layers']} layers x {t_cfg['hidden_size']}, "
+                        f"{t_cfg['num_attention_heads']} heads, {count_params(teacher_dir):,} parameters, "
+                        f"{disk_bytes(teacher_dir) / 1e6:.1f} MB"),
+            ("method", method),
+            ("student", f"{cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, {cfg['num_attention_heads']} heads, "
+                        f"intermediate {cfg['intermediate_size']}, {count_params(folder):,} parameters"),
+            ("disk size", f"{disk_bytes(folder) / 1e6:.1f} MB (teacher {disk_bytes(teacher_dir) / 1e6:.1f} MB)")]
+    if speed:
+        size.append(("measured speed", speed["text"]))
+    rows = size + [tuple(r) for r in rows]
+    body = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    load = ("`onnxruntime.InferenceSession(path + '/model_int8.onnx')` (inputs: input_ids, attention_mask, "
+            "token_type_ids)" if (folder / "model_int8.onnx").is_file()
+            else "`transformers.AutoModel.from_pretrained(path)`")
+    return f"""---
+{chr(10).join(meta)}
+---
+# {recipe_name} / {name}
+
+A compressed student of `{teacher_label}`, made by kompakt's `{method}`.
+
+| | |
+|---|---|
+{body}
+
+Load with {load}; the tokenizer in this folder is the teacher's.
+"""
+
+
+def measure_speed(teacher_dir: Path, folder: Path, runtime: str = "torch-fp32") -> dict | None:
+    """Latency of teacher and student at batch 1, sequence 128, 1 thread, in the student's runtime."""
+    from kompakt.compress import speed
+
+    t = speed.latency_ms(speed.make_runner(teacher_dir, runtime), seq_len=128, threads=1, repeats=10)
+    s = speed.latency_ms(speed.make_runner(folder, runtime), seq_len=128, threads=1, repeats=10)
+    return {"teacher_ms": t, "student_ms": s, "speedup": t / s, "runtime": runtime,
+            "text": f"{s:.1f} ms vs the teacher's {t:.1f} ms ({t / s:.2f}x) at batch 1, sequence 128, 1 thread, "
+                    f"{runtime}, {cpu_name()}"}
+
+
+def cpu_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _requeue(why: str) -> None:
+    info(f"compress: {why}; exit {REQUEUE_EXIT} so the job can be requeued (resume: auto continues)")
+    sys.exit(REQUEUE_EXIT)
+
+
+def run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_dir: Path, *, stage_hash: str,
+        inputs: dict, recipe_name: str, release: dict, teacher_label: str, cache_root: Path) -> Path:
+    """Make every student of `cfg` into `stage_dir/students/`; returns `stage_dir` once the manifest is written."""
+    with StopFlag() as stop:
+        return _run(cfg, Path(teacher_dir), Path(tokenizer_stage), Path(stage_dir), stage_hash=stage_hash,
+                    inputs=inputs, recipe_name=recipe_name, release=release, teacher_label=teacher_label,
+                    cache_root=cache_root, stop=stop)
+
+
+def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_dir: Path, *, stage_hash: str,
+         inputs: dict, recipe_name: str, release: dict, teacher_label: str, cache_root: Path, stop) -> Path:
+    from kompakt.engine import init_distributed
+    from kompakt.hf import load_pretrained
+
+    from kompakt.compress import distill
+
+    t0 = time.perf_counter()
+    test_hook("startup")
+    # --- every check a recipe can fail, before anything is written or trained
+    check_teacher(teacher_dir)
+    check_same_vocab(teacher_dir, tokenizer_stage / "tokenizer")
+    teacher = load_pretrained(teacher_dir)
+    has_head = distill.encoder_and_head(teacher)[1] is not None
+    for s in cfg.students:
+        if s.method == "distill":
+            distill.prepare(s, teacher.cfg, has_head)
+            if s.student.hidden_size and s.student.hidden_size > teacher.cfg.hidden_size:
+                raise ConfigError(f"students.{s.name}.student.hidden_size={s.student.hidden_size} is wider than the "
+                                  f"teacher's {teacher.cfg.hidden_size}; a student must not be wider than its teacher")
+            if s.student.init not in ("teacher", "random"):
+                check_same_vocab(teacher_dir, Path(s.student.init), what=f"students.{s.name}.student.init")
+        if s.method == "quantize":
+            from kompakt.compress.quantize import check_backend
+
+            check_backend(s.backend)
+
+    env = dist.setup_env()
+    init_distributed(env)
+    out_root, work_root = stage_dir / "students", stage_dir / "work"
+    if env.is_main:
+        out_root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stage_dir / "config.json", cfg.model_dump(mode="json"))
+    dist.barrier()
+
+    heldout = heldout_hf_batches(tokenizer_stage, cfg.heldout_examples)
+    teacher_digest = content_digest(teacher_dir / "model.safetensors")
+    made: dict[str, dict] = {}
+    for s in cfg.students:
+        final = out_root / s.name
+        source = teacher_dir if s.source == "teacher" else out_root / s.source
+        if (final / STUDENT_INFO).is_file():
+            info(f"compress: {s.name}: complete, skipped ({final})")
+            made[s.name] = json.loads((final / STUDENT_INFO).read_text())
+            continue
+        tmp = out_root / f"{s.name}.tmp"
+        if env.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        rows: list[tuple[str, str]] = [("source", "the teacher" if s.source == "teacher" else f"student `{s.source}`")]
+        figures: dict = {}
+        if s.method == "distill":
+            work = work_root / s.name
+            work.mkdir(parents=True, exist_ok=True)
+            out = distill.train_student(s, teacher, teacher_digest, tokenizer_stage, work,
+                                        cache_root=cache_root / f"teacher-{teacher_digest[:16]}", stop=stop,
+                                        extra_state={"recipe": recipe_name})
+            result = out["result"]
+            if result.stopped != "done":
+                where = f"saved {result.checkpoint}" if result.checkpoint else "nothing new to save"
+                _requeue(f"{s.name} stopped by {result.stopped} at step {result.step:,}; {where}")
+            if env.is_main:
+                export_student(out["model"], tmp, tokenizer_stage / "tokenizer", has_head)
+            figures = {k: out[k] for k in ("num_params", "mapping", "init", "mlm_before", "mlm_after", "mlm_teacher",
+                                           "cache")}
+            figures.update(steps=result.step, tokens_seen=result.tokens_seen, eval_loss=result.eval_loss,
+                           final_losses=result.last_losses)
+            rows += distill_rows(s, figures)
+        elif env.is_main and s.method == "layer_drop":
+            from kompakt.compress.layerdrop import drop_layers
+
+            tmp.mkdir(parents=True)
+            figures = drop_layers(source, tmp, strategy=s.strategy, num_drop=s.num_drop, batches=heldout)
+            rows.append(("layers dropped", f"{s.strategy}: {figures.get('dropped')} (0-based), kept {figures.get('kept')}"))
+        elif env.is_main and s.method == "prune":
+            from kompakt.compress.prune import prune
+
+            tmp.mkdir(parents=True)
+            figures = prune(source, tmp, heads_fraction=s.heads_fraction, ffn_fraction=s.ffn_fraction,
+                            batches=heldout, importance=s.importance)
+            rows += [(k, str(figures[k])) for k in ("sparsity", "note") if k in figures]
+        elif env.is_main and s.method == "quantize":
+            from kompakt.compress.quantize import quantize
+
+            tmp.mkdir(parents=True)
+            figures = quantize(source, tmp, backend=s.backend, batches=heldout)
+            rows += [(k, str(figures[k])) for k in ("agreement", "speedup_over_fp32", "note") if k in figures]
+        if env.is_main:
+            runtime = "ort-int8" if s.method == "quantize" and s.backend == "onnx" else (
+                "torch-int8" if s.method == "quantize" else "torch-fp32")
+            speed = measure_speed(teacher_dir, tmp, runtime) if cfg.measure_speed else None
+            figures["speed"] = speed
+            figures["disk_bytes"] = disk_bytes(tmp)
+            card = student_card(s.name, s.method, teacher_dir, teacher_label, tmp, rows, speed, release, recipe_name)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+            write_json_atomic(tmp / STUDENT_INFO, {"name": s.name, "method": s.method, "figures": _plain(figures)})
+            test_hook("before_student_rename")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            made[s.name] = json.loads((final / STUDENT_INFO).read_text())
+            info(f"compress: {s.name} -> {final}")
+        dist.barrier()
+        if dist.any_true(stop.requested):
+            _requeue(f"stopped by a signal after {s.name} was written")
+
+    if env.is_main:
+        summary = [(n, m["method"], (m["figures"].get("speed") or {}).get("speedup"), m["figures"].get("disk_bytes"))
+                   for n, m in made.items()]
+        table("compress", ["student", "method", "speedup", "bytes"],
+              [(n, m, f"{x:.2f}x" if x else "-", f"{b / 1e6:.1f} MB" if b else "-") for n, m, x, b in summary])
+        write_json_atomic(stage_dir / "manifest.json", {
+            "stage": "compress", "hash": stage_hash, "inputs": inputs, "config": cfg.model_dump(mode="json"),
+            "teacher": teacher_label, "students": made, "versions": package_versions(), "host": platform.node(),
+            "argv": sys.argv, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "timings": {"total_s": round(time.perf_counter() - t0, 2)}, "complete": True})
+    dist.barrier()
+    return stage_dir
+
+
+def _plain(obj):
+    """Figures as JSON: tensors and numpy numbers to Python numbers, paths to strings."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj
+
+
+def distill_rows(s, f: dict) -> list[tuple[str, str]]:
+    def fmt(x):
+        return f"{x:.4f}" if isinstance(x, (int, float)) else "not measured"
+
+    losses = ", ".join(f"{k} {v:g}" for k, v in s.losses.model_dump().items() if v)
+    cache = f["cache"]
+    rows = [("distillation", f"{losses}; layer map {f['mapping']} (student layer i <- teacher layer); "
+                             f"temperature {s.temperature}; init {f['init']}"),
+            ("training", f"{f['steps']:,} steps, {f['tokens_seen']:,} tokens, {s.optim.name} lr {s.optim.lr}"),
+            ("held-out MLM loss", f"student {fmt(f['mlm_after'])} (untrained {fmt(f['mlm_before'])}, teacher "
+                                  f"{fmt(f['mlm_teacher'])})")]
+    if cache["enabled"]:
+        rows.append(("teacher outputs", f"{cache['hits']:,} micro-batches read from the cache, "
+                                        f"{cache['teacher_forwards']:,} computed"))
+    return rows
+
+
+def export_student(model: torch.nn.Module, out: Path, tokenizer_dir: Path, has_head: bool) -> None:
+    """The student as a stock HF folder (the family's exporter), into `out` (a temporary name)."""
+    from kompakt import families
+
+    exporter = families.get(model.cfg.family).resolve("export")
+    kwargs = {} if has_head else {"head": "base"}
+    exporter(model.eval(), out, tokenizer_dir=tokenizer_dir, **kwargs)
+
+
+def heldout_hf_batches(tokenizer_stage: Path, max_examples: int) -> list[dict]:
+    """Padded batches of held-out examples ([CLS] ... [SEP], up to 128 tokens) for scores, agreement and speed."""
+    from kompakt.packed import build_examples
+    from kompakt.shards import TokenShards
+    from kompakt.tokenizer import SpecialIds, load_tokenizer
+
+    from kompakt.compress.batches import shard_batches
+
+    specials = SpecialIds.from_tokenizer(load_tokenizer(tokenizer_stage / "tokenizer"))
+    folder = tokenizer_stage / "heldout"
+    shards = TokenShards(folder if (folder / "index.json").is_file() else tokenizer_stage / "tokens")
+    examples = build_examples(shards, 126)
+    return shard_batches(shards, examples, cls_id=specials.cls, sep_id=specials.sep, pad_id=specials.pad,
+                         max_examples=max_examples)
