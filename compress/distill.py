@@ -374,33 +374,17 @@ def prepare(spec, teacher_cfg: ModelConfig, teacher_has_head: bool) -> Prepared:
     return Prepared(student_cfg, mapping, relation_layer, heads, needs_for(w, mapping, relation_layer, teacher_has_head))
 
 
-def train_student(spec, teacher: torch.nn.Module, teacher_digest: str, tokenizer_stage: Path, work_dir: Path,
-                  *, cache_root: Path | None, stop, extra_state: dict) -> dict:
-    """Distil `teacher` into the student `spec` describes; checkpoints in `work_dir/checkpoints`.
-
-    Returns the trained student model (fp32, on CPU) and its figures: held-out MLM loss of the
-    student before and after, of the teacher, teacher outputs computed and read from the cache.
-    Exits through the caller's requeue path when the loop stopped for a signal or the time limit.
-    """
-    from kompakt import checkpoint, dist
-    from kompakt.engine import build_engine
-    from kompakt.loop import train_loop
-    from kompakt.models import build_pretraining_model
+def build_loaders(spec, vocab_size: int, tokenizer_stage: Path, env):
+    """(training loader, held-out micro-batches): the tokenizer stage's tokens/ and heldout/ shards,
+    whole-word masked by `spec.masking`, packed by `spec.data`."""
     from kompakt.packed import ExampleLayout, PackedLoader, build_examples
     from kompakt.shards import TokenShards
     from kompakt.tokenizer import SpecialIds, load_tokenizer
 
-    env = dist.setup_env()
-    teacher_cfg = teacher.cfg
-    _, t_head = encoder_and_head(teacher)
-    plan = prepare(spec, teacher_cfg, t_head is not None)
-    tok = load_tokenizer(tokenizer_stage / "tokenizer")
-    specials = SpecialIds.from_tokenizer(tok)
-
-    # --- data: the tokenizer stage's training shards; held-out documents from heldout/
+    specials = SpecialIds.from_tokenizer(load_tokenizer(tokenizer_stage / "tokenizer"))
     lay = ExampleLayout(max_seq_len=spec.masking.max_seq_len, num_specials=2)
-    collator = MaskingCollator(specials.cls, specials.sep, specials.mask, teacher_cfg.vocab_size,
-                               num_specials=5, mask_rate=spec.masking.mask_rate, seed=spec.data.seed)
+    collator = MaskingCollator(specials.cls, specials.sep, specials.mask, vocab_size, num_specials=5,
+                               mask_rate=spec.masking.mask_rate, seed=spec.data.seed)
     shards = TokenShards(tokenizer_stage / "tokens")
     loader = PackedLoader(shards, lay, spec.data, collator, env.rank, env.world_size,
                           build_examples(shards, lay.max_tokens), prefetch=spec.run.prefetch,
@@ -410,15 +394,61 @@ def train_student(spec, teacher: torch.nn.Module, teacher_digest: str, tokenizer
     heldout = PackedLoader(held_shards, lay, spec.data, collator, env.rank, env.world_size,
                            build_examples(held_shards, lay.max_tokens), prefetch=0, num_workers=0)
     it = iter(heldout)
-    eval_batches = [next(it) for _ in range(spec.run.eval_batches)]
+    return loader, [next(it) for _ in range(spec.run.eval_batches)]
+
+
+def resume_and_train(module: torch.nn.Module, spec, env, loader, eval_batches: list[dict], work_dir: Path, *,
+                     step_fn, teacher, stop, extra_state: dict, before=None):
+    """The engine for `module`, resume from `work_dir/checkpoints` (run.resume), the shared loop.
+
+    Returns (LoopResult, the untrained held-out figure `before` as saved with the first checkpoint)."""
+    from kompakt import checkpoint
+    from kompakt.engine import build_engine
+    from kompakt.loop import train_loop
+
+    engine, _ = build_engine(module, spec, env, spec.accumulation_steps(env.world_size))
+    ckpt_root = work_dir / "checkpoints"
+    tag = checkpoint.resolve_resume(spec.run.resume, ckpt_root)
+    start = None
+    if tag is not None:
+        start, loader_state = checkpoint.load(engine, tag, spec.engine.zero_stage, spec.seed)
+        start["checkpoint"] = str(tag)
+        loader.load_state_dict(loader_state)
+        before = checkpoint.read_train_state(tag).get("mlm_before", before)
+        info(f"compress: {spec.name}: resumed from {tag} (step {start['step']:,})")
+    result = train_loop(engine, spec, loader, out_dir=work_dir, ckpt_root=ckpt_root, step_fn=step_fn, teacher=teacher,
+                        start=start, train_state_extra={**extra_state, "student": spec.name, "mlm_before": before},
+                        eval_batches=eval_batches, stop=stop, name=spec.name)
+    loader.close()
+    return result, before
+
+
+def train_student(spec, teacher: torch.nn.Module, teacher_digest: str, tokenizer_stage: Path, work_dir: Path,
+                  *, cache_root: Path | None, stop, extra_state: dict) -> dict:
+    """Distil `teacher` into the student `spec` describes; checkpoints in `work_dir/checkpoints`.
+
+    Returns the trained student model (fp32, on CPU) and its figures: held-out MLM loss of the
+    student before and after, of the teacher, teacher outputs computed and read from the cache.
+    The caller exits for a requeue when the loop stopped for a signal or the time limit.
+    """
+    from kompakt import checkpoint, dist
+    from kompakt.engine import choose_device
+    from kompakt.models import build_pretraining_model
+
+    env = dist.setup_env()
+    teacher_cfg = teacher.cfg
+    _, t_head = encoder_and_head(teacher)
+    plan = prepare(spec, teacher_cfg, t_head is not None)
+    loader, eval_batches = build_loaders(spec, teacher_cfg.vocab_size, tokenizer_stage, env)
 
     # --- student
     checkpoint.seed_everything(spec.seed)
     student = build_pretraining_model(plan.student_cfg)
     init = spec.student.init
     if init == "teacher":
-        if plan.student_cfg.hidden_size == teacher_cfg.hidden_size and plan.student_cfg.family == teacher_cfg.family \
-                and plan.student_cfg.embedding_size == teacher_cfg.embedding_size:
+        same = (plan.student_cfg.hidden_size, plan.student_cfg.family, plan.student_cfg.embedding_size) == (
+            teacher_cfg.hidden_size, teacher_cfg.family, teacher_cfg.embedding_size)
+        if same:
             init_from_teacher(student, teacher, plan.mapping)
         else:
             info(f"compress: {spec.name}: widths differ from the teacher's, so the student starts from random "
@@ -428,41 +458,25 @@ def train_student(spec, teacher: torch.nn.Module, teacher_digest: str, tokenizer
         from kompakt.hf import load_pretrained
 
         loaded = load_pretrained(init)
-        if loaded.cfg.model_dump(exclude={"family"}) != {**plan.student_cfg.model_dump(exclude={"family"}),
-                                                         "dropout": loaded.cfg.dropout}:
+        if loaded.cfg.model_dump(exclude={"family", "dropout"}) != plan.student_cfg.model_dump(exclude={"family", "dropout"}):
             raise ConfigError(f"students.{spec.name}.student.init={init}: that model's sizes differ from the student "
-                              f"shape; make the shape match it or leave student sizes unset")
+                              f"shape; make the shape match it")
         student.load_state_dict(loaded.state_dict(), strict=False)
     num_params = sum(p.numel() for p in student.parameters())
     log_plan(spec, plan.mapping, plan.student_cfg, num_params)
     module = DistillationModel(student, teacher_cfg.hidden_size, project=bool(spec.losses.hidden or spec.losses.embedding),
                                similarity_bank=spec.similarity_bank if spec.losses.similarity else 0)
-    steps_accum = spec.accumulation_steps(env.world_size)
-    engine, engine_info = build_engine(module, spec, env, steps_accum)
-    device = engine_info.device
+    device = choose_device(env)
     teacher.to(device).eval().requires_grad_(False)
-    before = heldout_mlm_loss(student, eval_batches, device)
+    before = heldout_mlm_loss(student.to(device), eval_batches, device)
     teacher_loss = heldout_mlm_loss(teacher, eval_batches, device) if t_head is not None else None
-
-    ckpt_root = work_dir / "checkpoints"
-    tag = checkpoint.resolve_resume(spec.run.resume, ckpt_root)
-    start = None
-    if tag is not None:
-        start, loader_state = checkpoint.load(engine, tag, spec.engine.zero_stage, spec.seed)
-        start["checkpoint"] = str(tag)
-        loader.load_state_dict(loader_state)
-        saved = checkpoint.read_train_state(tag)
-        before = saved.get("mlm_before", before)
-        info(f"compress: {spec.name}: resumed from {tag} (step {start['step']:,})")
     cache = TeacherCache(cache_root if spec.cache_teacher else None, teacher_digest, plan.needs)
     step_fn = DistillStep(weights=spec.losses.model_dump(), mapping=plan.mapping, relation_layer=plan.relation_layer,
                           num_relation_heads=plan.relation_heads, temperature=spec.temperature,
                           similarity_temperature=spec.similarity_temperature, cache=cache)
-    result = train_loop(engine, spec, loader, out_dir=work_dir, ckpt_root=ckpt_root, step_fn=step_fn, teacher=teacher,
-                        start=start, train_state_extra={**extra_state, "student": spec.name, "mlm_before": before,
-                                                        "model": plan.student_cfg.model_dump(mode="json")},
-                        eval_batches=eval_batches, stop=stop, name=spec.name)
-    loader.close()
+    result, before = resume_and_train(module, spec, env, loader, eval_batches, work_dir, step_fn=step_fn,
+                                      teacher=teacher, stop=stop, before=before,
+                                      extra_state={**extra_state, "model": plan.student_cfg.model_dump(mode="json")})
     after = heldout_mlm_loss(student, eval_batches, device)
     return {"model": student.cpu().eval(), "result": result, "num_params": num_params, "mapping": plan.mapping,
             "init": init, "mlm_before": before, "mlm_after": after, "mlm_teacher": teacher_loss,

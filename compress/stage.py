@@ -189,6 +189,10 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
                                   f"teacher's {teacher.cfg.hidden_size}; a student must not be wider than its teacher")
             if s.student.init not in ("teacher", "random"):
                 check_same_vocab(teacher_dir, Path(s.student.init), what=f"students.{s.name}.student.init")
+        if s.method == "theseus":
+            from kompakt.compress.theseus import check as check_theseus
+
+            check_theseus(s, teacher)
         if s.method == "quantize":
             from kompakt.compress.quantize import check_backend
 
@@ -234,6 +238,25 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
             figures.update(steps=result.step, tokens_seen=result.tokens_seen, eval_loss=result.eval_loss,
                            final_losses=result.last_losses)
             rows += distill_rows(s, figures)
+        elif s.method == "theseus":
+            from kompakt.compress.theseus import train_theseus
+
+            work = work_root / s.name
+            work.mkdir(parents=True, exist_ok=True)
+            out = train_theseus(s, teacher, tokenizer_stage, work, stop=stop, extra_state={"recipe": recipe_name})
+            result = out["result"]
+            if result.stopped != "done":
+                where = f"saved {result.checkpoint}" if result.checkpoint else "nothing new to save"
+                _requeue(f"{s.name} stopped by {result.stopped} at step {result.step:,}; {where}")
+            if env.is_main:
+                export_student(out["model"], tmp, tokenizer_stage / "tokenizer", has_head)
+            figures = {k: out[k] for k in ("num_params", "mlm_before", "mlm_after", "mlm_teacher")}
+            figures.update(steps=result.step, tokens_seen=result.tokens_seen, eval_loss=result.eval_loss)
+            rows += [("module replacing", f"{teacher.cfg.num_layers} -> {s.num_layers} layers; rate {s.replace_rate} "
+                                          f"+ {s.rate_slope}/step, {s.successor_steps} successor-only steps"),
+                     ("training", f"{result.step:,} steps, {result.tokens_seen:,} tokens"),
+                     ("held-out MLM loss", f"successor {fmt_loss(out['mlm_after'])} (at the start "
+                                           f"{fmt_loss(out['mlm_before'])}, teacher {fmt_loss(out['mlm_teacher'])})")]
         elif env.is_main and s.method == "layer_drop":
             from kompakt.compress.layerdrop import drop_layers
 
@@ -301,9 +324,12 @@ def _plain(obj):
     return obj
 
 
+def fmt_loss(x) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "not measured"
+
+
 def distill_rows(s, f: dict) -> list[tuple[str, str]]:
-    def fmt(x):
-        return f"{x:.4f}" if isinstance(x, (int, float)) else "not measured"
+    fmt = fmt_loss
 
     losses = ", ".join(f"{k} {v:g}" for k, v in s.losses.model_dump().items() if v)
     cache = f["cache"]

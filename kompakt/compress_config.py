@@ -119,6 +119,34 @@ class DistillStudent(StudentBase, TrainSection):
         return max(1, -(-self.data.global_batch_tokens // (self.data.tokens_per_micro_batch * world_size)))
 
 
+class TheseusStudent(StudentBase, TrainSection):
+    """BERT-of-Theseus: successor layers replace modules of the teacher's layers during MLM training.
+
+    The replacement rate is `replace_rate` (0.5 in the paper's constant setting) plus `rate_slope`
+    per step (the paper's curriculum: 0.3 + k t); the last `successor_steps` train the successor alone.
+    """
+
+    method: Literal["theseus"]
+    num_layers: int = Field(ge=1, description="successor layers; must divide the teacher's layers")
+    replace_rate: float = Field(0.5, gt=0.0, le=1.0)
+    rate_slope: float = Field(0.0, ge=0.0)
+    successor_steps: int = Field(0, ge=0)
+    masking: MaskingConfig = MaskingConfig()
+    data: DataLoaderConfig = DataLoaderConfig(tokens_per_micro_batch=2048, global_batch_tokens=4096)
+
+    @model_validator(mode="after")
+    def _check(self) -> TheseusStudent:
+        if self.successor_steps >= self.max_steps:
+            raise ValueError(f"students.{self.name}.successor_steps must be below max_steps={self.max_steps}")
+        if self.masking.mask_rate == 0:
+            raise ValueError(f"students.{self.name}.masking.mask_rate: BERT-of-Theseus trains on the MLM loss; "
+                             f"set a mask rate above 0")
+        return self
+
+    def accumulation_steps(self, world_size: int) -> int:
+        return DistillStudent.accumulation_steps(self, world_size)
+
+
 class LayerDropStudent(StudentBase):
     """Poor Man's BERT (Sajjad et al. 2020): drop layers, keep the rest's weights; no training."""
 
@@ -149,7 +177,7 @@ class QuantizeStudent(StudentBase):
     backend: Literal["torch", "onnx"] = "onnx"
 
 
-Student = Annotated[Union[DistillStudent, LayerDropStudent, PruneStudent, QuantizeStudent],
+Student = Annotated[Union[DistillStudent, TheseusStudent, LayerDropStudent, PruneStudent, QuantizeStudent],
                     Field(discriminator="method")]
 
 
