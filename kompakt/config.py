@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from kompakt.compress_config import CompressConfig
 from kompakt.config_base import StrictModel
+from kompakt.finetune_config import EvalConfig, FinetuneConfig
 from kompakt.errors import ConfigError
 from kompakt.languages import check_language
 from kompakt.model_config import ModelConfig
@@ -196,6 +197,8 @@ class Recipe(StrictModel):
     model: ModelConfig | None = None
     pretrain: PretrainConfig | None = None
     compress: CompressConfig | None = None
+    finetune: FinetuneConfig | None = None
+    eval: EvalConfig | None = None
     release: ReleaseConfig = ReleaseConfig()
 
     def release_metadata(self) -> dict:

@@ -62,7 +62,7 @@ def model_step(model: Callable, batch: dict, teacher: torch.nn.Module | None = N
 class LoopResult:
     step: int
     tokens_seen: int
-    stopped: str                     # "done", "signal" or "time"
+    stopped: str                     # "done" (also after early stopping), "signal" or "time"
     num_skipped: int
     last_losses: dict[str, float] = field(default_factory=dict)
     eval_loss: float | None = None
@@ -181,20 +181,22 @@ def train_loop(engine: TrainEngine, section: TrainSection, loader, *, out_dir: P
                train_state_extra: dict | None = None, eval_batches: list[dict] | None = None,
                flops_per_token: float | None = None, peak_flops: float | None = None,
                describe: Callable[[dict], str] | None = None, stop: StopFlag | None = None,
-               name: str = "train") -> LoopResult:
+               name: str = "train", on_eval: Callable[[int, float], bool] | None = None) -> LoopResult:
     """Train until `section.max_steps`, a stop request or the time limit; returns where it stopped.
 
     `loader` yields this rank's micro-batches and has `state_dict()` (the position after the last
     full round). `start` is the train state of a resumed checkpoint, or None. `teacher` (frozen,
     in eval mode) is handed to `step_fn`. `flops_per_token` (model FLOPs, forward + backward) and
     `peak_flops` (per device) give MFU. `stop` is the stage's StopFlag (one is made if None).
+    `on_eval(step, eval_loss)` sees every periodic held-out evaluation; returning True stops the run
+    there (early stopping: a checkpoint is saved and `stopped="early"`, which is a finished run).
     """
     if stop is None:
         with StopFlag() as own:
             return train_loop(engine, section, loader, out_dir=out_dir, ckpt_root=ckpt_root, step_fn=step_fn,
                               teacher=teacher, start=start, train_state_extra=train_state_extra,
                               eval_batches=eval_batches, flops_per_token=flops_per_token, peak_flops=peak_flops,
-                              describe=describe, stop=own, name=name)
+                              describe=describe, stop=own, name=name, on_eval=on_eval)
     run = section.run
     device, accum, world = engine.info.device, engine.info.accumulation_steps, engine.info.world_size
     is_main = dist.rank() == 0
@@ -309,8 +311,10 @@ def train_loop(engine: TrainEngine, section: TrainSection, loader, *, out_dir: P
 
             # --- periodic work
             evaluated = bool(run.eval_every and eval_batches and step % run.eval_every == 0)
+            early = False
             if evaluated:
                 eval_loss = evaluate(engine, eval_batches, step_fn, teacher)
+                early = bool(on_eval is not None and on_eval(step, eval_loss))
             if step % run.log_every == 0 or step == section.max_steps:
                 dt = time.perf_counter() - t0
                 loss_sum, ok_sum, part_sums = _interval_sums(interval, device)
@@ -338,8 +342,11 @@ def train_loop(engine: TrainEngine, section: TrainSection, loader, *, out_dir: P
             elif evaluated and is_main:
                 metrics_file.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
                 metrics_file.flush()
-            if step % run.save_every == 0 or step == section.max_steps or stop_now:
+            if step % run.save_every == 0 or step == section.max_steps or stop_now or early:
                 checkpoint_path = save()
+            if early:
+                stopped = "early"
+                break
             if stop_now:
                 stopped = "signal" if stop.requested else "time"
                 if stop.parent_died():
@@ -352,4 +359,6 @@ def train_loop(engine: TrainEngine, section: TrainSection, loader, *, out_dir: P
             metrics_file.close()
     if eval_batches and stopped == "done":
         eval_loss = evaluate(engine, eval_batches, step_fn, teacher)
+    if stopped == "early":
+        stopped = "done"  # early stopping finished the run; `step` says where
     return LoopResult(step, tokens_seen, stopped, num_skipped, last_losses, eval_loss, checkpoint_path)

@@ -95,6 +95,19 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
                       "compress.students: distill (TinyBERT, MiniLMv2 relations, CompRess), layer_drop, prune, "
                       "quantize. Each is a Hugging Face folder under students/ with a model card giving its size "
                       "and measured speed against the teacher. Distillation is kill-safe and resumes."),
+    Stage("finetune", ("finetune",), (), "kompakt.pipeline:_finetune_body", in_place=True,
+          dynamic="kompakt.pipeline:_finetune_upstream",
+          help="fine-tune the teacher, the students and named models on a task suite, several seeds each",
+          description="finetune: every model of finetune.models (teacher, students, student names, name: folder) on "
+                      "every task of finetune.suite (a shipped suite such as demo-nb, or a suite YAML), "
+                      "finetune.seeds seeds each, plus learning-curve sizes; each job early-stops on dev and writes "
+                      "its dev and test predictions. finetune.shard=i/n runs every n-th job (a Slurm array)."),
+    Stage("eval", ("eval", "finetune"), ("finetune",), "kompakt.pipeline:_eval_body",
+          help="score the fine-tuned models beside baselines and write the report with plots",
+          description="eval: scores every finetune job's test predictions, adds the TF-IDF and BiLSTM baselines on "
+                      "the same splits, bootstrap intervals over test examples and seeds, retention against the "
+                      "teacher, paired tests, CPU speed and size, and writes results.json, report.md, report.html "
+                      "and PNG plots."),
 ]}
 
 
@@ -280,6 +293,93 @@ def _compress_body(p: Pipeline, stage: Stage, d: Path, config: dict, inputs: dic
     return compress_stage.run(cfg, teacher_dir, p.upstream_dir("tokenizer"), d, stage_hash=_hash_of(d), inputs=inputs,
                               recipe_name=recipe.name, release=recipe.release_metadata(), teacher_label=label,
                               cache_root=p.run_dir / "cache")
+
+
+def _teacher_source(recipe: Recipe) -> tuple[str, Path | None]:
+    """Where the run's teacher comes from: ("pretrain", None) or ("folder", path)."""
+    if recipe.compress is not None and recipe.compress.teacher != "pretrain":
+        return "folder", recipe.path(recipe.compress.teacher)
+    return "pretrain", None
+
+
+def _finetune_models(recipe: Recipe) -> tuple[list[tuple[str, str, object]], set[str]]:
+    """[(name, kind, ref)] for finetune.models and the upstream stages they need. Kinds: pretrain (the
+    export), compress (a student's name), folder (a path)."""
+    out, ups = [], set()
+    students = [s for s in (recipe.compress.students if recipe.compress else []) if s.method != "quantize"]
+    for entry in recipe.finetune.models:
+        if isinstance(entry, dict):
+            out += [(name, "folder", recipe.path(path)) for name, path in entry.items()]
+        elif entry == "teacher":
+            kind, path = _teacher_source(recipe)
+            if kind == "pretrain" and recipe.pretrain is None:
+                raise ConfigError("finetune.models names the teacher but the recipe has neither a pretrain section nor "
+                                  "compress.teacher; add one or name folders (finetune.models: [{name: path}])")
+            out.append(("teacher", kind, path))
+            ups.add("pretrain" if kind == "pretrain" else "compress")
+        elif entry == "students":
+            if not students:
+                raise ConfigError("finetune.models names the students but compress.students has none that can be "
+                                  "fine-tuned (int8 students are not; fine-tune first, then quantize)")
+            out += [(s.name, "compress", s.name) for s in students]
+            ups.add("compress")
+        else:
+            if entry not in {s.name for s in students}:
+                raise ConfigError(f"finetune.models: {entry!r} is not 'teacher', 'students', a compress student that can "
+                                  f"be fine-tuned ({', '.join(s.name for s in students) or 'none'}) or a {{name: folder}}")
+            out.append((entry, "compress", entry))
+            ups.add("compress")
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"finetune.models: a model name is used twice ({names})")
+    if "compress" in ups and recipe.compress is None:
+        raise ConfigError("finetune.models names students but the recipe has no compress section")
+    return out, ups
+
+
+def _finetune_upstream(recipe: Recipe) -> tuple[tuple[str, ...], dict[str, str]]:
+    from kompakt.finetune.tasks import load_suite, suite_files
+
+    models, ups = _finetune_models(recipe)
+    inputs = {f"model:{n}": file_fingerprint(ref) for n, kind, ref in models if kind == "folder"}
+    suite = load_suite(recipe.finetune.suite)
+    inputs.update({f"suite:{f.name}": file_fingerprint(f) for f in suite_files(suite)})
+    return tuple(s for s in ("pretrain", "compress") if s in ups), inputs
+
+
+def _finetune_body(p: Pipeline, stage: Stage, d: Path, config: dict, inputs: dict, force: bool) -> Path:
+    """finetune: models x suite tasks x seeds -> `finetune-<hash>/jobs/.../result.json`, models/, manifest.json."""
+    from kompakt.finetune import stage as finetune_stage
+
+    models, _ = _finetune_models(p.recipe)
+    folders = {}
+    for name, kind, ref in models:
+        if kind == "folder":
+            folders[name] = ref
+        elif kind == "pretrain":
+            folders[name] = p.upstream_dir("pretrain") / "export"
+        elif name == "teacher":
+            folders[name] = _teacher_source(p.recipe)[1]
+        else:
+            folders[name] = p.upstream_dir("compress") / "students" / ref
+    if force and d.exists():
+        import shutil
+
+        shutil.rmtree(d)
+    info(f"finetune: {d}")
+    return finetune_stage.run(p.recipe.finetune, folders, d, stage_hash=_hash_of(d), inputs=inputs,
+                              recipe_name=p.recipe.name)
+
+
+def _eval_body(p: Pipeline, stage: Stage, d: Path, config: dict, inputs: dict, force: bool) -> Path:
+    """eval: finetune results -> `eval-<hash>/results.json`, report.md, report.html, *.png."""
+    from kompakt.eval import stage as eval_stage
+
+    with open_stage(p.run_dir, "eval", config, inputs) as run:
+        eval_stage.run(p.recipe.eval, p.recipe.finetune, p.upstream_dir("finetune"), run.work_dir,
+                       recipe_name=p.recipe.name)
+    info(f"eval: wrote {d}")
+    return d
 
 
 # --- the functions the CLI and older callers use ---------------------------------------------------

@@ -1,0 +1,172 @@
+"""The finetune stage: every model of a run on every task of a suite, several seeds each, as independent jobs.
+
+Reads top to bottom: the suite and its data (every task loaded and checked before anything trains),
+the models (each checked: a folder with weights and a tokenizer), the jobs (task x model x train size
+x seed, in a fixed order; `shard: i/n` takes every n-th), each job in its own directory with kill-safe
+checkpoints and a `result.json` (predictions on dev and test, steps, time) written last, and the
+manifest once every job has its result.
+
+The stage directory `<run_dir>/finetune-<hash>/` is used in place: a killed or requeued job resumes
+from its checkpoint, finished jobs are skipped, and Slurm array tasks share the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kompakt import dist
+from kompakt.errors import DataError
+from kompakt.finetune_config import FinetuneConfig
+from kompakt.log import info
+from kompakt.loop import REQUEUE_EXIT, StopFlag, test_hook
+from kompakt.runs import package_versions, write_json_atomic
+
+RESULT = "result.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    model: str
+    size: str     # "all" or a train size of the learning curve
+    seed: int
+
+    @property
+    def path(self) -> str:
+        return f"{self.task}/{self.model}/{self.size}/seed{self.seed}"
+
+
+def subsample(train: list[dict], size: int, seed: int) -> list[dict]:
+    """`size` training examples, stratified by label where there is one (a learning-curve point).
+
+    Nested: the first `size` of one seeded order per label, so a larger size contains a smaller one."""
+    if size >= len(train):
+        return list(train)
+    rng = np.random.Generator(np.random.Philox(key=seed + 7919))
+    labels = [str(e.get("label", "")) for e in train] if all("label" in e for e in train) and not all(
+        isinstance(e["label"], float) for e in train) else [""] * len(train)
+    groups: dict[str, list[int]] = {}
+    for i, l in enumerate(labels):
+        groups.setdefault(l, []).append(i)
+    order = {l: list(rng.permutation(ix)) for l, ix in sorted(groups.items())}
+    take = {l: max(1, round(size * len(ix) / len(train))) for l, ix in order.items()}
+    chosen = sorted(i for l, ix in order.items() for i in ix[:take[l]])
+    return [train[i] for i in chosen[:size]] if len(chosen) >= size else [train[i] for i in chosen]
+
+
+def plan_jobs(cfg: FinetuneConfig, task_names: list[str], models: list[str], train_sizes: dict[str, int]) -> list[Job]:
+    """Every job, in order: task, model, size, seed. Curve sizes only where they are below the train set."""
+    out = []
+    for t in task_names:
+        for m in models:
+            sizes = ["all"]
+            if m in cfg.curve_models:
+                sizes += [str(s) for s in cfg.learning_curve if s < train_sizes[t]]
+            for size in sizes:
+                out += [Job(t, m, size, seed) for seed in range(cfg.seeds)]
+    return out
+
+
+def check_model(name: str, folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise DataError(f"finetune.models: {name} -> {folder} has no config.json; point at a Hugging Face model folder")
+    if not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise DataError(f"finetune.models: {name} -> {folder} has no model weights (model.safetensors); an ONNX "
+                        f"int8 student cannot be fine-tuned, leave it out")
+
+
+def _requeue(why: str) -> None:
+    info(f"finetune: {why}; exit {REQUEUE_EXIT} so the job can be requeued (resume: auto continues)")
+    sys.exit(REQUEUE_EXIT)
+
+
+def run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage_hash: str, inputs: dict,
+        recipe_name: str) -> Path:
+    """Run this process's share of the jobs; write the manifest when every job of the stage has its result."""
+    with StopFlag() as stop:
+        return _run(cfg, models, Path(stage_dir), stage_hash=stage_hash, inputs=inputs, recipe_name=recipe_name,
+                    stop=stop)
+
+
+def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage_hash: str, inputs: dict,
+         recipe_name: str, stop) -> Path:
+    from kompakt.engine import init_distributed
+
+    from kompakt.finetune.tasks import load_suite, load_task
+    from kompakt.finetune.train import run_job
+
+    t0 = time.perf_counter()
+    test_hook("startup")
+    suite = load_suite(cfg.suite)
+    tasks = [t for t in suite.tasks if not cfg.tasks or t.name in cfg.tasks]
+    unknown = sorted(set(cfg.tasks) - {t.name for t in suite.tasks})
+    if unknown:
+        from kompakt.errors import ConfigError
+
+        raise ConfigError(f"finetune.tasks: {unknown} are not tasks of the suite {suite.name}; it has "
+                          f"{', '.join(t.name for t in suite.tasks)}")
+    data = {t.name: load_task(t, suite.folder) for t in tasks}
+    for name, folder in models.items():
+        check_model(name, folder)
+    train_sizes = {t: len(d.splits["train"]) for t, d in data.items()}
+    jobs = plan_jobs(cfg, [t.name for t in tasks], list(models), train_sizes)
+    mine = jobs
+    if cfg.shard:
+        i, n = (int(x) for x in cfg.shard.split("/"))
+        mine = jobs[i::n]
+    init_distributed(dist.setup_env())
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stage_dir / "config.json", cfg.model_dump(mode="json"))
+    by_name = {t.name: t for t in tasks}
+    info(f"finetune: {len(jobs)} jobs ({len(tasks)} tasks x {len(models)} models x sizes x {cfg.seeds} seeds)"
+         + (f", this shard runs {len(mine)}" if cfg.shard else ""))
+    for k, job in enumerate(mine, 1):
+        job_dir = stage_dir / "jobs" / job.path
+        if (job_dir / RESULT).is_file():
+            continue
+        task, d = by_name[job.task], data[job.task]
+        train = d.splits["train"] if job.size == "all" else subsample(d.splits["train"], int(job.size), job.seed)
+        if cfg.max_train_examples:
+            train = train[:cfg.max_train_examples]
+        splits = {"train": train, "dev": d.splits["dev"], "test": d.splits["test"]}
+        keep = (stage_dir / "models" / job.task / job.model) if cfg.keep_models and job.seed == 0 and job.size == "all" else None
+        info(f"finetune: job {k}/{len(mine)}: {job.path} ({len(train):,} training examples)")
+        job_dir.mkdir(parents=True, exist_ok=True)
+        out = run_job(models[job.model], task, splits, d.labels, seed=job.seed, work_dir=job_dir,
+                      engine_cfg=cfg.engine, run_cfg=cfg.run, stop=stop, keep_dir=keep)
+        if out["stopped"] != "done":
+            _requeue(f"{job.path} stopped by {out['stopped']} at step {out['step']}")
+        out.update(job=job.__dict__, model_dir=str(models[job.model]))
+        write_json_atomic(job_dir / RESULT, out)
+        shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # the result is what later stages read
+        if stop.requested:
+            _requeue(f"stopped by a signal after {job.path}")
+
+    missing = [j.path for j in jobs if not (stage_dir / "jobs" / j.path / RESULT).is_file()]
+    if missing:
+        info(f"finetune: this shard is done; {len(missing)} jobs of other shards are still missing")
+        return stage_dir
+    write_json_atomic(stage_dir / "manifest.json", {
+        "stage": "finetune", "hash": stage_hash, "inputs": inputs, "config": cfg.model_dump(mode="json"),
+        "suite": suite.name, "tasks": [t.model_dump(mode="json") for t in tasks],
+        "labels": {t: d.labels for t, d in data.items()},
+        "models": {n: str(p) for n, p in models.items()}, "jobs": [j.path for j in jobs],
+        "versions": package_versions(), "host": platform.node(), "argv": sys.argv, "recipe": recipe_name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings": {"total_s": round(time.perf_counter() - t0, 2)},
+        "complete": True})
+    info(f"finetune: {len(jobs)} jobs complete -> {stage_dir}")
+    return stage_dir
+
+
+def read_results(stage_dir: Path) -> dict[str, dict]:
+    """job path -> result.json of a complete finetune stage (for eval)."""
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    return {p: json.loads((stage_dir / "jobs" / p / RESULT).read_text()) for p in manifest["jobs"]}

@@ -1,0 +1,156 @@
+"""One fine-tuning job: a stock HF head on an exported model, trained on one task with one seed.
+
+Reads top to bottom: tokenizer and model (the task type's stock `AutoModelFor...` class), the
+tokenizer checked against the model's vocabulary, features, the job's training section (epochs x
+batches per epoch, linear warmup and decay), the shared loop (kompakt/loop.py: DeepSpeed engine,
+checkpoints, signals, metrics) with the dev loss evaluated every epoch and early stopping after
+`patience` epochs without improvement, the best epoch's weights restored, predictions on dev and test.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kompakt.errors import DataError
+from kompakt.log import info
+from kompakt.train_config import OptimConfig, RunControl, ScheduleConfig, TrainSection
+
+from kompakt.finetune.heads import task_type
+from kompakt.finetune.loader import BucketLoader, eval_batches
+
+
+def load_model(model_dir: Path, kind, labels: list[str]):
+    """(tokenizer, stock HF model with the task's head) from a model folder; the vocabularies must agree."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception:
+        raise DataError(f"{model_dir} holds no tokenizer that AutoTokenizer can read; save it beside the model") from None
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if len(tokenizer) > config.vocab_size:
+        raise DataError(f"the tokenizer in {model_dir} has {len(tokenizer):,} tokens but the model only "
+                        f"{config.vocab_size:,} embeddings; they do not belong together")
+    cls = getattr(transformers, kind.auto_class)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "some weights were newly initialised": the head, as intended
+    try:
+        model = cls.from_pretrained(str(model_dir), **kind.head_kwargs(labels), attn_implementation="sdpa")
+    finally:
+        hf_logging.set_verbosity(level)
+    return tokenizer, model
+
+
+def job_section(train_cfg, num_batches: int, engine, run: RunControl, seed: int) -> tuple[TrainSection, int]:
+    """The TrainSection of one job: epochs x batches, warmup_ratio of it, dev loss every epoch."""
+    max_steps = max(2, train_cfg.epochs * num_batches)
+    warmup = min(max_steps - 1, round(train_cfg.warmup_ratio * max_steps))
+    run = run.model_copy(update={"eval_every": num_batches, "save_every": max(run.save_every, max_steps)})
+    section = TrainSection(max_steps=max_steps, seed=seed,
+                           optim=OptimConfig(lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, beta2=0.999,
+                                             eps=1e-8),
+                           schedule=ScheduleConfig(kind="linear", warmup_steps=warmup), engine=engine, run=run)
+    return section, max_steps
+
+
+@torch.no_grad()
+def predict(model, kind, features: list[dict], examples: list[dict], labels: list[str], batch_size: int,
+            pad_id: int, device) -> list:
+    """Predictions per example, batches sorted by length (least padding) and put back in order."""
+    model.eval()
+    rows: list = [None] * len(features)
+    lengths = np.array([len(f["input_ids"]) for f in features])
+    for ids in eval_batches(lengths, batch_size):
+        batch = kind.collate([features[i] for i in ids], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+        for i, row in zip(ids, kind.rows(model(**batch), batch)):
+            rows[i] = row
+    return kind.predict(rows, features, examples, labels)
+
+
+def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[str], *, seed: int, work_dir: Path,
+            engine_cfg, run_cfg: RunControl, stop, keep_dir: Path | None = None) -> dict:
+    """Fine-tune, early-stop on dev, predict dev and test; returns predictions and figures.
+
+    `keep_dir`: where the fine-tuned model is saved as an HF folder (atomically), or None.
+    """
+    from kompakt import checkpoint, dist
+    from kompakt.engine import build_engine
+    from kompakt.loop import train_loop
+
+    t0 = time.perf_counter()
+    kind = task_type(task.type)
+    checkpoint.seed_everything(seed)
+    tokenizer, model = load_model(model_dir, kind, labels)
+    label2id = {l: i for i, l in enumerate(labels)}
+    cfg = task.train
+    enc = {name: kind.encode(rows, tokenizer, cfg.max_seq_len, label2id, train=name == "train")
+           for name, rows in splits.items()}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loader = BucketLoader(enc["train"], lambda fs: kind.collate(fs, pad_id), cfg.batch_size, seed)
+    section, max_steps = job_section(cfg, loader.batches_per_epoch, engine_cfg, run_cfg, seed)
+    env = dist.setup_env()
+    engine, einfo = build_engine(model, section, env, accumulation_steps=1)
+    device = einfo.device
+    dev_lengths = np.array([len(f["input_ids"]) for f in enc["dev"]])
+    dev_batches = [kind.collate([enc["dev"][i] for i in ids], pad_id) for ids in eval_batches(dev_lengths, cfg.batch_size)]
+
+    def step_fn(m, batch, teacher):
+        out = m(**batch)
+        return {"loss": out.loss, "num_predictions": kind.num_predictions(batch)}
+
+    best = {"loss": float("inf"), "step": 0, "state": None, "bad": 0}
+
+    def on_eval(step: int, dev_loss: float) -> bool:
+        if dev_loss < best["loss"] - 1e-6:
+            best.update(loss=dev_loss, step=step, bad=0,
+                        state={k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()})
+        else:
+            best["bad"] += 1
+        return best["bad"] >= cfg.patience
+
+    ckpt_root = work_dir / "checkpoints"
+    tag = checkpoint.resolve_resume(run_cfg.resume, ckpt_root)
+    start = None
+    if tag is not None:
+        start, loader_state = checkpoint.load(engine, tag, 0, seed)
+        start["checkpoint"] = str(tag)
+        loader.load_state_dict(loader_state)
+    result = train_loop(engine, section, loader, out_dir=work_dir, ckpt_root=ckpt_root, step_fn=step_fn, start=start,
+                        train_state_extra={"task": task.name, "model_dir": str(model_dir), "seed": seed},
+                        eval_batches=dev_batches, stop=stop, name=f"{task.name} s{seed}", on_eval=on_eval)
+    if result.stopped != "done":
+        return {"stopped": result.stopped, "step": result.step}
+    final = engine.module
+    if best["state"] is not None and (result.eval_loss is None or best["loss"] < result.eval_loss):
+        final.load_state_dict(best["state"])
+    preds = {name: predict(final, kind, enc[name], splits[name], labels, cfg.batch_size, pad_id, device)
+             for name in ("dev", "test")}
+    if keep_dir is not None:
+        save_model(copy.deepcopy(final).cpu(), tokenizer, keep_dir)
+    info(f"finetune: {task.name} seed {seed}: {result.step} steps of {max_steps}, best dev loss "
+         f"{min(best['loss'], result.eval_loss or float('inf')):.4f} at step {best['step'] or result.step}")
+    return {"stopped": "done", "steps": result.step, "max_steps": max_steps, "best_step": best["step"] or result.step,
+            "dev_loss": min(best["loss"], result.eval_loss if result.eval_loss is not None else float("inf")),
+            "predictions": preds, "train_examples": len(splits["train"]), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """An ordinary HF folder (config with id2label/label2id, safetensors, tokenizer), written then renamed."""
+    import shutil
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
