@@ -343,7 +343,9 @@ def _finetune_upstream(recipe: Recipe) -> tuple[tuple[str, ...], dict[str, str]]
     models, ups = _finetune_models(recipe)
     inputs = {f"model:{n}": file_fingerprint(ref) for n, kind, ref in models if kind == "folder"}
     suite = load_suite(recipe.finetune.suite)
-    inputs.update({f"suite:{f.name}": file_fingerprint(f) for f in suite_files(suite)})
+    base = suite.path.parent if suite.path else Path(".")
+    inputs.update({f"suite:{f.relative_to(base) if f.is_relative_to(base) else f}": file_fingerprint(f)
+                   for f in suite_files(suite)})
     return tuple(s for s in ("pretrain", "compress") if s in ups), inputs
 
 
