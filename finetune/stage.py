@@ -20,14 +20,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from kompakt import dist
 from kompakt.errors import DataError
 from kompakt.finetune_config import FinetuneConfig
 from kompakt.log import info
 from kompakt.loop import REQUEUE_EXIT, StopFlag, test_hook
 from kompakt.runs import package_versions, write_json_atomic
+
+from kompakt.finetune.tasks import subsample
 
 RESULT = "result.json"
 
@@ -42,24 +42,6 @@ class Job:
     @property
     def path(self) -> str:
         return f"{self.task}/{self.model}/{self.size}/seed{self.seed}"
-
-
-def subsample(train: list[dict], size: int, seed: int) -> list[dict]:
-    """`size` training examples, stratified by label where there is one (a learning-curve point).
-
-    Nested: the first `size` of one seeded order per label, so a larger size contains a smaller one."""
-    if size >= len(train):
-        return list(train)
-    rng = np.random.Generator(np.random.Philox(key=seed + 7919))
-    labels = [str(e.get("label", "")) for e in train] if all("label" in e for e in train) and not all(
-        isinstance(e["label"], float) for e in train) else [""] * len(train)
-    groups: dict[str, list[int]] = {}
-    for i, l in enumerate(labels):
-        groups.setdefault(l, []).append(i)
-    order = {l: list(rng.permutation(ix)) for l, ix in sorted(groups.items())}
-    take = {l: max(1, round(size * len(ix) / len(train))) for l, ix in order.items()}
-    chosen = sorted(i for l, ix in order.items() for i in ix[:take[l]])
-    return [train[i] for i in chosen[:size]] if len(chosen) >= size else [train[i] for i in chosen]
 
 
 def plan_jobs(cfg: FinetuneConfig, task_names: list[str], models: list[str], train_sizes: dict[str, int]) -> list[Job]:

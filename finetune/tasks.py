@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -967,3 +968,33 @@ def load_task(task: Task, suite_dir: str | Path) -> TaskData:
     return TaskData(task=task, splits={s: splits[s] for s in SPLITS}, labels=labels,
                     label2id={lab: i for i, lab in enumerate(labels)}, origins=origins, notes=notes)
 
+
+def subsample(train: Sequence[dict], size: int | str, seed: int) -> list[dict]:
+    """`size` examples of `train` ("all" or a size >= len(train): all of them), in their original order.
+
+    Classification (every example has a string "label"): stratified. Each label's examples are put in
+    a seeded random order and example k of a label with n_c examples gets the key k / n_c; taking the
+    `size` smallest keys gives each label its share to within one example, every label once
+    `size` >= the number of labels, and nested subsamples (size 100 inside size 500 for one seed).
+    Other tasks: the first `size` of one seeded permutation, nested too.
+    """
+    if size == "all":
+        return list(train)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ConfigError(f"subsample size must be a positive integer or 'all', got {size!r}")
+    n = len(train)
+    if size >= n:
+        return list(train)
+    rng = np.random.default_rng(seed)
+    if all(isinstance(e, dict) and isinstance(e.get("label"), str) for e in train):
+        groups: dict[str, list[int]] = {}
+        for i, e in enumerate(train):
+            groups.setdefault(e["label"], []).append(i)
+        key = np.empty(n)
+        for label in sorted(groups):
+            ix = rng.permutation(groups[label])
+            key[ix] = np.arange(len(ix)) / len(ix)
+        order = np.lexsort((rng.random(n), key))
+    else:
+        order = rng.permutation(n)
+    return [train[i] for i in np.sort(order[:int(size)])]
