@@ -4,7 +4,8 @@ Every metric is a function of gold labels and predictions in the normalised form
 `kompakt.finetune.tasks`:
 
 - classification / pair_classification: `accuracy`, `macro_f1` (unweighted mean of per-label F1 over
-  the labels present in gold or predictions), `mcc` (Matthews correlation, multi-class form);
+  the labels present in gold or predictions), `mcc` (Matthews correlation, multi-class form), `f1`
+  (binary F1 of the `positive` label, as GLUE scores MRPC and QQP);
 - regression: `pearson`, `spearman` (a constant gold or prediction vector scores 0.0: it carries no
   linear or rank information, and NaN would poison a bootstrap);
 - token_classification: `span_f1` (seqeval's micro F1 over BIO entity spans, conlleval-compatible
@@ -37,8 +38,8 @@ import numpy as np
 from kompakt.errors import ConfigError, DataError
 
 VALID: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1", "mcc"),
-    "pair_classification": ("accuracy", "macro_f1", "mcc"),
+    "classification": ("accuracy", "macro_f1", "mcc", "f1"),
+    "pair_classification": ("accuracy", "macro_f1", "mcc", "f1"),
     "regression": ("pearson", "spearman"),
     "token_classification": ("span_f1", "token_accuracy"),
     "qa": ("squad_em", "squad_f1"),
@@ -47,7 +48,7 @@ METRICS: tuple[str, ...] = tuple(sorted({m for ms in VALID.values() for m in ms}
 # compute() equals the mean of per_example() for exactly these.
 PER_EXAMPLE: tuple[str, ...] = ("accuracy", "squad_em", "squad_f1")
 # The metric on a resample is from_stats(sum of count-weighted sufficient_stats rows) for these.
-ADDITIVE: tuple[str, ...] = ("accuracy", "macro_f1", "mcc", "pearson", "span_f1", "token_accuracy",
+ADDITIVE: tuple[str, ...] = ("accuracy", "macro_f1", "mcc", "f1", "pearson", "span_f1", "token_accuracy",
                              "squad_em", "squad_f1")
 
 # The SQuAD v1.1 script removes these English articles. Pass articles=() for languages without
@@ -87,7 +88,7 @@ def _did_you_mean(name: str, valid) -> str:
 
 
 def compute(metric: str, gold: Sequence, pred: Sequence, *,
-            articles: Sequence[str] = ENGLISH_ARTICLES) -> float:
+            articles: Sequence[str] = ENGLISH_ARTICLES, positive: str = "1") -> float:
     """`metric` of predictions `pred` against `gold` over the whole test set, as a float.
 
     `gold`/`pred`: one item per example: label strings (classification), floats (regression), tag lists
@@ -104,6 +105,8 @@ def compute(metric: str, gold: Sequence, pred: Sequence, *,
         from sklearn.metrics import f1_score
 
         return float(f1_score(_labels(gold), _labels(pred), average="macro", zero_division=0))
+    if metric == "f1":
+        return float(from_stats("f1", sufficient_stats("f1", gold, pred, positive=positive).sum(0)))
     if metric == "mcc":
         from sklearn.metrics import matthews_corrcoef
 
@@ -214,7 +217,7 @@ def _answers(gold: Any, i: int) -> list[str]:
 
 
 def sufficient_stats(metric: str, gold: Sequence, pred: Sequence, *, labels: Sequence | None = None,
-                     articles: Sequence[str] = ENGLISH_ARTICLES):
+                     articles: Sequence[str] = ENGLISH_ARTICLES, positive: str = "1"):
     """Per-example additive rows for `metric` (one of `ADDITIVE`): an (n, d) float64 array, or for
     macro_f1/mcc an (n, K*K) scipy CSR one-hot of the confusion cell gold*K + pred, K = len(labels).
 
@@ -232,6 +235,10 @@ def sufficient_stats(metric: str, gold: Sequence, pred: Sequence, *, labels: Seq
     n = len(gold)
     if metric in ("accuracy", "squad_em", "squad_f1"):
         return np.column_stack([per_example(metric, gold, pred, articles=articles), np.ones(n)])
+    if metric == "f1":  # (true positive, predicted positive, gold positive), as span_f1's counts
+        g = np.array([str(x) == str(positive) for x in gold], dtype=np.float64)
+        q = np.array([str(x) == str(positive) for x in pred], dtype=np.float64)
+        return np.column_stack([g * q, q, g])
     if metric in ("macro_f1", "mcc"):
         from scipy import sparse
 
@@ -268,7 +275,7 @@ def from_stats(metric: str, sums: np.ndarray) -> np.ndarray:
         if metric in ("accuracy", "squad_em", "squad_f1", "token_accuracy"):
             out = s[..., 0] / s[..., 1]
             return np.where(s[..., 1] > 0, out, 0.0)
-        if metric == "span_f1":
+        if metric in ("span_f1", "f1"):
             denom = s[..., 1] + s[..., 2]
             return np.where(denom > 0, 2 * s[..., 0] / denom, 0.0)
         if metric == "pearson":

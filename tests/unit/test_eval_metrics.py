@@ -99,3 +99,15 @@ def test_sufficient_stats_recompute_the_metric_on_resamples(metric):
         w = np.bincount(idx, minlength=n).astype(float)
         direct = M.compute(metric, [gold[i] for i in idx], [pred[i] for i in idx])
         assert M.from_stats(metric, np.asarray(stats.T @ w).ravel()) == pytest.approx(direct, abs=1e-12)
+
+
+def test_binary_f1_of_the_positive_label_as_glue_scores_mrpc():
+    from kompakt.eval.metrics import compute, from_stats, sufficient_stats
+
+    gold = ["equivalent", "equivalent", "not", "not", "equivalent"]
+    pred = ["equivalent", "not", "equivalent", "not", "equivalent"]
+    # tp 2, fp 1, fn 1: precision 2/3, recall 2/3, F1 2/3
+    assert compute("f1", gold, pred, positive="equivalent") == pytest.approx(2 / 3)
+    assert compute("f1", gold, pred, positive="not") == pytest.approx(0.5)
+    rows = sufficient_stats("f1", gold, pred, positive="equivalent")
+    assert from_stats("f1", rows[[0, 0, 1]].sum(0)) == pytest.approx(2 * 2 / (2 + 3))
