@@ -45,7 +45,8 @@ class Job:
 
 
 def plan_jobs(cfg: FinetuneConfig, task_names: list[str], models: list[str], train_sizes: dict[str, int]) -> list[Job]:
-    """Every job, in order: task, model, size, seed. Curve sizes only where they are below the train set."""
+    """Every job, in order: task, model, size, seed (curve sizes only where they are below the train set),
+    then the task-distillation jobs, which read the teacher's fine-tuned model (seed 0)."""
     out = []
     for t in task_names:
         for m in models:
@@ -54,7 +55,51 @@ def plan_jobs(cfg: FinetuneConfig, task_names: list[str], models: list[str], tra
                 sizes += [str(s) for s in cfg.learning_curve if s < train_sizes[t]]
             for size in sizes:
                 out += [Job(t, m, size, seed) for seed in range(cfg.seeds)]
+    for d in cfg.distill:
+        out += [Job(t, d.name, "all", seed) for t in task_names for seed in range(cfg.seeds)]
     return out
+
+
+def check_distill(cfg: FinetuneConfig, models: dict[str, Path]) -> None:
+    from kompakt.errors import ConfigError
+
+    for d in cfg.distill:
+        for role, name in (("student", d.student), ("teacher", d.teacher)):
+            if name not in models:
+                raise ConfigError(f"finetune.distill.{d.name}.{role}={name!r} is not one of finetune.models "
+                                  f"({', '.join(models)})")
+        if d.name in models:
+            raise ConfigError(f"finetune.distill: the name {d.name!r} is already a model of finetune.models")
+    if cfg.distill and not cfg.keep_models:
+        raise ConfigError("finetune.distill needs the teacher's fine-tuned models; set finetune.keep_models: true")
+
+
+def augmented(stage_dir: Path, d, task, examples: list[dict], mlm_dir: Path) -> tuple[list[dict], dict]:
+    """The augmented training set of one task for one distillation entry, built once and kept as JSONL
+    (named by the MLM's weights and the settings), so every seed and a rerun reuse it."""
+    import hashlib
+
+    from kompakt.runs import content_digest
+
+    from kompakt.finetune.augment import Augmenter
+
+    if d.augment == 0:
+        return [], {}
+    key = hashlib.sha256(json.dumps([content_digest(mlm_dir / "model.safetensors"), task.name, d.augment, d.augment_p,
+                                     len(examples)]).encode()).hexdigest()[:16]
+    path = stage_dir / "augment" / f"{task.name}-{key}.jsonl"
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file():
+        return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()], json.loads(meta.read_text())
+    aug = Augmenter(mlm_dir, p=d.augment_p, max_len=task.train.max_seq_len)
+    rows = aug.augment(examples, task.type, d.augment, seed=0)
+    figures = aug.report()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    write_json_atomic(meta, figures)
+    return rows, figures
 
 
 def check_model(name: str, folder: Path) -> None:
@@ -88,7 +133,9 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
     t0 = time.perf_counter()
     test_hook("startup")
     suite = load_suite(cfg.suite)
-    tasks = [t for t in suite.tasks if not cfg.tasks or t.name in cfg.tasks]
+    overrides = {k: v for k, v in cfg.train.model_dump().items() if v is not None}
+    tasks = [t.model_copy(update={"train": t.train.model_copy(update=overrides)})
+             for t in suite.tasks if not cfg.tasks or t.name in cfg.tasks]
     unknown = sorted(set(cfg.tasks) - {t.name for t in suite.tasks})
     if unknown:
         from kompakt.errors import ConfigError
@@ -98,6 +145,8 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
     data = {t.name: load_task(t, suite.folder) for t in tasks}
     for name, folder in models.items():
         check_model(name, folder)
+    check_distill(cfg, models)
+    distills = {d.name: d for d in cfg.distill}
     train_sizes = {t: len(d.splits["train"]) for t, d in data.items()}
     jobs = plan_jobs(cfg, [t.name for t in tasks], list(models), train_sizes)
     mine = jobs
@@ -122,11 +171,27 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
         keep = (stage_dir / "models" / job.task / job.model) if cfg.keep_models and job.seed == 0 and job.size == "all" else None
         info(f"finetune: job {k}/{len(mine)}: {job.path} ({len(train):,} training examples)")
         job_dir.mkdir(parents=True, exist_ok=True)
-        out = run_job(models[job.model], task, splits, d.labels, seed=job.seed, work_dir=job_dir,
-                      engine_cfg=cfg.engine, run_cfg=cfg.run, stop=stop, keep_dir=keep)
+        kd = None
+        model_dir = models.get(job.model)
+        if job.model in distills:
+            spec = distills[job.model]
+            teacher_ft = stage_dir / "models" / job.task / spec.teacher
+            if not (teacher_ft / "config.json").is_file():
+                from kompakt.errors import ConfigError
+
+                raise ConfigError(f"finetune: {job.path} distils from the teacher fine-tuned on {job.task}, which is not "
+                                  f"there yet ({teacher_ft}); run the teacher's jobs (shard) first")
+            extra, aug_figures = augmented(stage_dir, spec, task, train, models[spec.teacher])
+            kd = {"teacher_dir": teacher_ft, "alpha": spec.alpha, "temperature": spec.temperature, "extra": extra,
+                  "cache_dir": stage_dir / "cache"}
+            model_dir = models[spec.student]
+        out = run_job(model_dir, task, splits, d.labels, seed=job.seed, work_dir=job_dir,
+                      engine_cfg=cfg.engine, run_cfg=cfg.run, stop=stop, keep_dir=keep, distill=kd)
+        if kd is not None:
+            out.setdefault("distill", {}).update(augment=aug_figures, teacher=spec.teacher, student=spec.student)
         if out["stopped"] != "done":
             _requeue(f"{job.path} stopped by {out['stopped']} at step {out['step']}")
-        out.update(job=job.__dict__, model_dir=str(models[job.model]))
+        out.update(job=job.__dict__, model_dir=str(model_dir))
         write_json_atomic(job_dir / RESULT, out)
         shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # the result is what later stages read
         if stop.requested:
@@ -140,7 +205,9 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
         "stage": "finetune", "hash": stage_hash, "inputs": inputs, "config": cfg.model_dump(mode="json"),
         "suite": suite.name, "tasks": [t.model_dump(mode="json") for t in tasks],
         "labels": {t: d.labels for t, d in data.items()},
-        "models": {n: str(p) for n, p in models.items()}, "jobs": [j.path for j in jobs],
+        "models": {**{n: str(p) for n, p in models.items()},
+                   **{d.name: str(models[d.student]) for d in cfg.distill}},
+        "distilled": {d.name: d.model_dump(mode="json") for d in cfg.distill}, "jobs": [j.path for j in jobs],
         "versions": package_versions(), "host": platform.node(), "argv": sys.argv, "recipe": recipe_name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings": {"total_s": round(time.perf_counter() - t0, 2)},
         "complete": True})

@@ -75,11 +75,63 @@ def predict(model, kind, features: list[dict], examples: list[dict], labels: lis
     return kind.predict(rows, features, examples, labels)
 
 
+@torch.no_grad()
+def soft_targets(teacher_dir: Path, kind, features: list[dict], labels: list[str], batch_size: int, device,
+                 cache_dir: Path | None, pad_id: int = 0) -> tuple[list[np.ndarray], bool]:
+    """The fine-tuned teacher's logits for every training feature (the student's own tokenisation, which
+    the teacher shares), read from a content-addressed cache when an earlier job computed them.
+
+    Returns (rows, from_cache)."""
+    import hashlib
+
+    from kompakt.runs import content_digest
+
+    h = hashlib.sha256(content_digest(teacher_dir / "model.safetensors").encode())
+    for f in features:
+        h.update(np.asarray(f["input_ids"], dtype=np.int64).tobytes())
+    path = cache_dir / f"soft-{h.hexdigest()[:32]}.npz" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            return [z[str(i)] for i in range(len(features))], True
+    _, teacher = load_model(teacher_dir, kind, labels)
+    teacher.to(device).eval()
+    rows: list = [None] * len(features)
+    lengths = np.array([len(f["input_ids"]) for f in features])
+    for ids in eval_batches(lengths, batch_size):
+        batch = kind.collate([features[i] for i in ids], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items() if k not in ("labels",)}
+        for i, row in zip(ids, kind.rows(teacher(**batch), batch)):
+            rows[i] = row
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **{str(i): r for i, r in enumerate(rows)})
+        tmp.replace(path)
+    return rows, False
+
+
+def kd_loss(logits: torch.Tensor, soft: torch.Tensor, labels: torch.Tensor, temperature: float,
+            regression: bool) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, times T^2 (Hinton et al.), over the labelled positions
+    (every row for sequence tasks, first sub-words for token tasks); MSE to the teacher for regression."""
+    if regression:
+        return torch.nn.functional.mse_loss(logits.float().view(-1), soft.float().view(-1))
+    if logits.dim() == 3:  # token classification: (B, L, C) on positions with a label
+        keep = labels != -100
+        logits, soft = logits[keep], soft[keep]
+    log_s = torch.log_softmax(logits.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(soft.float() / temperature, dim=-1)
+    return torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
 def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[str], *, seed: int, work_dir: Path,
-            engine_cfg, run_cfg: RunControl, stop, keep_dir: Path | None = None) -> dict:
+            engine_cfg, run_cfg: RunControl, stop, keep_dir: Path | None = None, distill: dict | None = None) -> dict:
     """Fine-tune, early-stop on dev, predict dev and test; returns predictions and figures.
 
     `keep_dir`: where the fine-tuned model is saved as an HF folder (atomically), or None.
+    `distill` (task-specific distillation): `teacher_dir` (the fine-tuned teacher), `alpha` (weight of
+    the hard-label loss; TinyBERT uses 0), `temperature`, `extra` (augmented training examples, whose
+    labels only the teacher's predictions supervise when alpha is 0) and `cache_dir`.
     """
     from kompakt import checkpoint, dist
     from kompakt.engine import build_engine
@@ -91,10 +143,37 @@ def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[s
     tokenizer, model = load_model(model_dir, kind, labels)
     label2id = {l: i for i, l in enumerate(labels)}
     cfg = task.train
+    train_rows = splits["train"] + list((distill or {}).get("extra") or [])
     enc = {name: kind.encode(rows, tokenizer, cfg.max_seq_len, label2id, train=name == "train")
-           for name, rows in splits.items()}
+           for name, rows in {**splits, "train": train_rows}.items()}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loader = BucketLoader(enc["train"], lambda fs: kind.collate(fs, pad_id), cfg.batch_size, seed)
+    kd_figures = {}
+    if distill is not None:
+        if task.type == "qa":
+            from kompakt.errors import ConfigError
+
+            raise ConfigError("task distillation of extractive QA is not supported; fine-tune the student instead")
+        from kompakt.engine import choose_device
+
+        soft, cached = soft_targets(Path(distill["teacher_dir"]), kind, enc["train"], labels, cfg.batch_size,
+                                    choose_device(dist.setup_env()), distill.get("cache_dir"), pad_id)
+        for f, row in zip(enc["train"], soft):
+            f["soft"] = row
+        kd_figures = {"teacher_logits_from_cache": cached, "train_features": len(enc["train"]),
+                      "augmented_examples": len(train_rows) - len(splits["train"])}
+
+    def collate(fs: list[dict]) -> dict:
+        batch = kind.collate(fs, pad_id)
+        if "soft" in fs[0]:
+            if fs[0]["soft"].ndim == 1:
+                batch["soft"] = torch.from_numpy(np.stack([f["soft"] for f in fs]))
+            else:  # token rows (L_i, C): padded to the batch's length
+                width = batch["input_ids"].shape[1]
+                batch["soft"] = torch.from_numpy(np.stack([np.pad(f["soft"], ((0, width - len(f["soft"])), (0, 0)))
+                                                           for f in fs]))
+        return batch
+
+    loader = BucketLoader(enc["train"], collate, cfg.batch_size, seed)
     section, max_steps = job_section(cfg, loader.batches_per_epoch, engine_cfg, run_cfg, seed)
     env = dist.setup_env()
     engine, einfo = build_engine(model, section, env, accumulation_steps=1)
@@ -103,8 +182,16 @@ def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[s
     dev_batches = [kind.collate([enc["dev"][i] for i in ids], pad_id) for ids in eval_batches(dev_lengths, cfg.batch_size)]
 
     def step_fn(m, batch, teacher):
+        soft = batch.pop("soft", None)
         out = m(**batch)
-        return {"loss": out.loss, "num_predictions": kind.num_predictions(batch)}
+        if soft is None:  # fine-tuning, and every dev evaluation (hard labels)
+            return {"loss": out.loss, "num_predictions": kind.num_predictions(batch)}
+        a = float(distill.get("alpha", 0.0))
+        kd = kd_loss(out.logits, soft, batch.get("labels"), float(distill.get("temperature", 1.0)),
+                     task.type == "regression")
+        loss = kd if a == 0 else a * out.loss + (1 - a) * kd
+        return {"loss": loss, "losses": {"kd": kd.detach(), "ce": out.loss.detach()},
+                "num_predictions": kind.num_predictions(batch)}
 
     best = {"loss": float("inf"), "step": 0, "state": None, "bad": 0}
 
@@ -114,7 +201,7 @@ def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[s
                         state={k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()})
         else:
             best["bad"] += 1
-        return best["bad"] >= cfg.patience
+        return cfg.patience > 0 and best["bad"] >= cfg.patience  # patience 0: no early stopping
 
     ckpt_root = work_dir / "checkpoints"
     tag = checkpoint.resolve_resume(run_cfg.resume, ckpt_root)
@@ -139,7 +226,8 @@ def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[s
          f"{min(best['loss'], result.eval_loss or float('inf')):.4f} at step {best['step'] or result.step}")
     return {"stopped": "done", "steps": result.step, "max_steps": max_steps, "best_step": best["step"] or result.step,
             "dev_loss": min(best["loss"], result.eval_loss if result.eval_loss is not None else float("inf")),
-            "predictions": preds, "train_examples": len(splits["train"]), "seconds": round(time.perf_counter() - t0, 2)}
+            "predictions": preds, "train_examples": len(splits["train"]), "seconds": round(time.perf_counter() - t0, 2),
+            **({"distill": kd_figures} if kd_figures else {})}
 
 
 def save_model(model, tokenizer, out: Path) -> None:

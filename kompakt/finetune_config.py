@@ -25,6 +25,35 @@ from kompakt.config_base import StrictModel
 from kompakt.train_config import EngineConfig, RunControl, runtime_field
 
 
+class TrainOverrides(StrictModel):
+    """Replace the suite's per-task hyper-parameters for every task (unset keys keep the suite's):
+    a suite's values are tuned for base-size models, and a 2-layer student wants a higher lr."""
+
+    lr: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    max_seq_len: int | None = Field(None, ge=8)
+    patience: int | None = Field(None, ge=0)
+
+
+class TaskDistill(StrictModel):
+    """Task-specific distillation (TinyBERT's second stage): the teacher fine-tuned on each task teaches
+    a student (typically a general-distilled one) on the task's training set, optionally augmented.
+
+    `name` is the distilled model's name in the results; `student` and `teacher` name models of
+    finetune.models. `alpha` weighs the hard-label loss (TinyBERT: 0, the teacher's predictions only);
+    `augment` copies of every training example with words replaced by the teacher's MLM (TinyBERT: 20).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    student: str
+    teacher: str = "teacher"
+    alpha: float = Field(0.0, ge=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    augment: int = Field(0, ge=0, le=50)
+    augment_p: float = Field(0.4, gt=0.0, lt=1.0)
+
+
 class FinetuneConfig(StrictModel):
     suite: str = "demo-nb"
     tasks: list[str] = Field(default_factory=list, description="a subset of the suite's tasks; empty: all")
@@ -34,6 +63,8 @@ class FinetuneConfig(StrictModel):
     curve_models: list[str] = Field(default_factory=lambda: ["teacher"])
     # Caps a task's training set (after the learning-curve subsample), for quick runs; None: all of it.
     max_train_examples: int | None = Field(None, ge=1)
+    train: TrainOverrides = TrainOverrides()
+    distill: list[TaskDistill] = Field(default_factory=list)
     # Fine-tuned folders kept: the first seed's of every model and task (the release candidates) or none.
     keep_models: bool = True
     engine: EngineConfig = EngineConfig()
