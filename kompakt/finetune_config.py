@@ -93,6 +93,10 @@ class FinetuneConfig(StrictModel):
 class EvalConfig(StrictModel):
     baselines: list[str] = Field(default_factory=lambda: ["tfidf", "bilstm"])
     n_boot: int = Field(1000, ge=100, description="bootstrap replicates for intervals and paired tests")
+    # The BiLSTM's epochs (early-stopped on dev) and the seeds of the baselines' learning-curve points
+    # (the full training set always gets finetune.seeds seeds, like the models).
+    bilstm_epochs: int = Field(10, ge=1)
+    curve_seeds: int = Field(1, ge=1)
     # CPU latency (batch 1, sequence 128, 1 thread) and throughput per model, for the report.
     measure_speed: bool = runtime_field(True)
 

@@ -1,0 +1,234 @@
+"""The eval stage: the finetune jobs' test predictions scored, beside baselines, with honest intervals.
+
+Reads top to bottom: the finetune manifest and every job's result; per task the gold test labels;
+per model and train size the scores of every seed, the bootstrap interval over test examples and
+seeds together (kompakt/eval/stats.py), retention against the teacher, paired tests between the
+models and against the best baseline; the baselines (TF-IDF + logistic regression, a BiLSTM) on the
+same splits and learning-curve sizes, with the same seeds; per model its size and CPU speed; then
+results.json, the report (Markdown, HTML, PNG plots) and the figures written into each fine-tuned
+model's card.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kompakt.finetune_config import EvalConfig, FinetuneConfig
+from kompakt.log import info, table
+from kompakt.runs import package_versions, write_json_atomic
+
+from kompakt.eval import baselines as B
+from kompakt.eval import stats
+
+
+def gold_of(kind: str, rows: list[dict]) -> list:
+    if kind == "token_classification":
+        return [r["tags"] for r in rows]
+    if kind == "qa":
+        return [r["answers"] for r in rows]
+    return [r["label"] for r in rows]
+
+
+def metric_options(task, suite_language: str | None = None) -> dict:
+    """Metric options of a task: SQuAD's English articles are not dropped from answers in other languages."""
+    if task.type == "qa" and (suite_language or "en") != "en":
+        return {"articles": ()}
+    if "f1" in ([task.metric] + list(task.metrics or [])):
+        return {"positive": task.positive}
+    return {}
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def model_figures(folder: Path, measure: bool) -> dict:
+    """Parameters (with and without the embeddings), disk size, and CPU latency/throughput/peak memory
+    measured in a fresh process (so one model's memory is not another's)."""
+    from kompakt.speed import folder_params
+
+    figures = {"disk_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")), **folder_params(folder)}
+    if measure:
+        out = subprocess.run([sys.executable, "-m", "kompakt.speed", str(folder)], capture_output=True, text=True,
+                             timeout=600)
+        if out.returncode == 0 and out.stdout.strip():
+            figures.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        else:
+            info(f"eval: speed of {folder} not measured ({out.stderr.strip().splitlines()[-1:] or 'no output'})")
+    return figures
+
+
+def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Path, *, recipe_name: str) -> Path:
+    """Score, compare and report into `out_dir` (the caller builds it atomically)."""
+    from kompakt.finetune.stage import read_results
+    from kompakt.finetune.tasks import load_suite, load_task, subsample
+
+    from kompakt.eval.report import write_report
+
+    t0 = time.perf_counter()
+    manifest = json.loads((finetune_dir / "manifest.json").read_text())
+    results = read_results(finetune_dir)
+    suite = load_suite(ft_cfg.suite)
+    tasks = [t for t in suite.tasks if t.name in {x["name"] for x in manifest["tasks"]}]
+    models = manifest["models"]
+    out: dict = {"suite": suite.name, "recipe": recipe_name, "tasks": {}, "models": {}, "device": device_name(),
+                 "versions": package_versions(), "git_commit": git_commit(), "seeds": ft_cfg.seeds,
+                 "n_boot": cfg.n_boot}
+    for name, folder in models.items():
+        out["models"][name] = {"folder": folder, **model_figures(Path(folder), cfg.measure_speed)}
+    for task in tasks:
+        data = load_task(task, suite.folder)
+        test = data.splits["test"]
+        gold = gold_of(task.type, test)
+        opts = metric_options(task, getattr(suite, "language", None))
+        metric = task.metric
+        entry = {"type": task.type, "metric": metric, "num_test": len(test), "num_train": len(data.splits["train"]),
+                 "models": {}, "baselines": {}, "pairs": []}
+        preds: dict[str, dict[str, list]] = {}  # model -> size -> [per-seed predictions]
+        for path, r in results.items():
+            job = r["job"]
+            if job["task"] == task.name:
+                preds.setdefault(job["model"], {}).setdefault(job["size"], []).append(
+                    (job["seed"], r["predictions"]["test"], r))
+        for model, sizes in preds.items():
+            seeded = sorted(sizes["all"], key=lambda x: x[0])
+            by_seed = [p for _, p, _ in seeded]
+            m = {"scores": [stats_score(metric, gold, p, opts) for p in by_seed],
+                 "interval": stats.bootstrap_interval(gold, by_seed, metric, n_boot=cfg.n_boot, **opts),
+                 "steps": [r["steps"] for _, _, r in seeded], "seconds": [r["seconds"] for _, _, r in seeded]}
+            curve = {}
+            for size, runs in sizes.items():
+                ps = [p for _, p, _ in sorted(runs, key=lambda x: x[0])]
+                iv = stats.bootstrap_interval(gold, ps, metric, n_boot=max(100, cfg.n_boot // 5), **opts)
+                curve[str(size)] = {"mean": iv["mean"], "low": iv["low"], "high": iv["high"]}
+            m["learning_curve"] = curve
+            entry["models"][model] = m
+        # --- baselines, same splits and seeds; learning-curve sizes as the curve models
+        base_preds: dict[str, list] = {}
+        for name in cfg.baselines:
+            if name == "tfidf":
+                fn = B.tfidf_baseline
+            else:
+                def fn(kind, train, dev, test_rows, seed):
+                    return B.bilstm_baseline(kind, train, dev, test_rows, seed, epochs=cfg.bilstm_epochs)
+            seeds = range(1) if name == "tfidf" else range(ft_cfg.seeds)  # TF-IDF + LR is deterministic
+            runs = [fn(task.type, data.splits["train"], data.splits["dev"], test, seed) for seed in seeds]
+            if any(r is None for r in runs):
+                entry["baselines"][name] = {"note": f"{name} does not support {task.type}"}
+                continue
+            base_preds[name] = runs
+            curve = {}
+            for size in ft_cfg.learning_curve:
+                if size < len(data.splits["train"]):
+                    ps = [fn(task.type, subsample(data.splits["train"], size, s), data.splits["dev"], test, s)
+                          for s in list(seeds)[:cfg.curve_seeds]]
+                    iv = stats.bootstrap_interval(gold, ps, metric, n_boot=max(100, cfg.n_boot // 5), **opts)
+                    curve[str(size)] = {"mean": iv["mean"], "low": iv["low"], "high": iv["high"]}
+            iv = stats.bootstrap_interval(gold, runs, metric, n_boot=cfg.n_boot, **opts)
+            curve["all"] = {"mean": iv["mean"], "low": iv["low"], "high": iv["high"]}
+            entry["baselines"][name] = {"scores": [stats_score(metric, gold, p, opts) for p in runs], "interval": iv,
+                                        "learning_curve": curve}
+        majority = majority_score(task.type, metric, data.splits["train"], gold, opts)
+        if majority is not None:
+            entry["majority"] = majority
+        # --- retention and paired tests
+        all_preds = {m: [p for _, p, _ in sorted(s["all"], key=lambda x: x[0])] for m, s in preds.items()}
+        if "teacher" in all_preds:
+            for m in all_preds:
+                if m != "teacher":
+                    entry["models"][m]["retention"] = stats.retention(gold, all_preds["teacher"], all_preds[m], metric,
+                                                                      n_boot=cfg.n_boot, **opts)
+        names = list(all_preds)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                entry["pairs"].append({"a": a, "b": b, **stats.paired_bootstrap(gold, all_preds[a], all_preds[b], metric,
+                                                                                n_boot=cfg.n_boot, **opts)})
+        if base_preds:
+            best = max(base_preds, key=lambda n: entry["baselines"][n]["interval"]["mean"])
+            for m in names:
+                entry["pairs"].append({"a": m, "b": best, **stats.paired_bootstrap(gold, all_preds[m], base_preds[best],
+                                                                                   metric, n_boot=cfg.n_boot, **opts)})
+        out["tasks"][task.name] = entry
+        table(f"eval {task.name} ({metric})", ["model", "mean", "95% interval", "retention"],
+              [(m, f"{v['interval']['mean']:.4f}", f"[{v['interval']['low']:.4f}, {v['interval']['high']:.4f}]",
+                f"{v['retention']['mean']:.1f}%" if "retention" in v else "-") for m, v in entry["models"].items()]
+              + [(f"baseline: {n}", f"{v['interval']['mean']:.4f}", f"[{v['interval']['low']:.4f}, "
+                  f"{v['interval']['high']:.4f}]", "-") for n, v in entry["baselines"].items() if "interval" in v])
+    out["timings"] = {"total_s": round(time.perf_counter() - t0, 2)}
+    write_json_atomic(out_dir / "results.json", out)
+    paths = write_report(out, out_dir)
+    cards = write_cards(out, finetune_dir)
+    info(f"eval: {len(paths)} report files; scores added to {cards} fine-tuned model card(s)")
+    return out_dir
+
+
+def stats_score(metric: str, gold: list, pred: list, opts: dict) -> float:
+    from kompakt.eval.metrics import compute
+
+    return compute(metric, gold, pred, **opts)
+
+
+def majority_score(kind: str, metric: str, train: list[dict], gold: list, opts: dict) -> float | None:
+    """The score of always predicting the most frequent training label (classification tasks)."""
+    if kind not in ("classification", "pair_classification"):
+        return None
+    from collections import Counter
+
+    top = Counter(r["label"] for r in train).most_common(1)[0][0]
+    return stats_score(metric, gold, [top] * len(gold), opts)
+
+
+def write_cards(results: dict, finetune_dir: Path) -> int:
+    """Append each task's scores to the card (README.md) of every kept fine-tuned model."""
+    n = 0
+    for task, entry in results["tasks"].items():
+        for model, m in entry["models"].items():
+            folder = finetune_dir / "models" / task / model
+            if not folder.is_dir():
+                continue
+            iv = m["interval"]
+            lines = [f"# {model} fine-tuned on {task} ({results['suite']})", "",
+                     f"| | |", "|---|---|",
+                     f"| task | {task} ({entry['type']}), {entry['num_train']:,} training and {entry['num_test']:,} test examples |",
+                     f"| {entry['metric']} | {iv['mean']:.4f} ± {iv['std']:.4f} over {iv['n_seeds']} seeds, 95% interval "
+                     f"[{iv['low']:.4f}, {iv['high']:.4f}] (bootstrap over test examples and seeds) |"]
+            if "retention" in m:
+                r = m["retention"]
+                lines.append(f"| retention | {r['mean']:.1f}% of the teacher [{r['low']:.1f}, {r['high']:.1f}] |")
+            for name, b in entry["baselines"].items():
+                if "interval" in b:
+                    lines.append(f"| baseline {name} | {b['interval']['mean']:.4f} |")
+            lines.append("\nLoad with the `transformers` AutoModelFor... class of the task; labels are in config.json.")
+            (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            n += 1
+    return n
+
+
+def device_name() -> str:
+    import os
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    model = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({len(os.sched_getaffinity(0))} cores)"

@@ -1,0 +1,73 @@
+"""Size and CPU speed of a model folder, for reports and model cards.
+
+`folder_params` counts parameters from the safetensors header (no model is built); `python -m
+kompakt.speed FOLDER` measures, in a fresh process so that one model's memory is not another's, the
+stock `transformers` model (sdpa attention, inference mode) at batch 1 and sequence 128 on one thread
+(the median of repeats after warmup), its throughput at batch 32, and the process's peak resident
+memory, and prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def folder_params(folder: Path) -> dict[str, int]:
+    """`params` (tied weights once) and `params_no_embeddings` (without word/position/type embeddings)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        return {}
+    total = emb = 0
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if key.endswith(("decoder.weight",)) and "predictions" in key:
+                continue  # tied to the word embeddings
+            n = math.prod(f.get_slice(key).get_shape())
+            total += n
+            if ".embeddings." in f".{key}" and "LayerNorm" not in key:
+                emb += n
+    return {"params": total, "params_no_embeddings": total - emb}
+
+
+def measure(folder: Path, *, repeats: int = 20, seq_len: int = 128, batch: int = 32) -> dict:
+    """Latency (ms, batch 1, `seq_len` tokens, 1 thread), throughput (sequences/s, `batch` x `seq_len`,
+    all cores) and peak resident memory (MB) of the folder's stock encoder."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(folder))
+    model = AutoModel.from_pretrained(str(folder), attn_implementation="sdpa").eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, config.vocab_size, (1, seq_len), generator=g)
+    one = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            model(**one)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        torch.set_num_threads(threads)
+        many = {"input_ids": ids.repeat(batch, 1), "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+        model(**many)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            model(**many)
+        tput = 3 * batch / (time.perf_counter() - t0)
+    times.sort()
+    return {"latency_ms": round(1000 * times[len(times) // 2], 3), "throughput": round(tput, 1),
+            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "threads_latency": 1, "threads_throughput": threads}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(Path(sys.argv[1]))))
