@@ -36,6 +36,38 @@ def device_name() -> str:
     return f"{model} ({len(os.sched_getaffinity(0))} cores)"
 
 
+def infer(recipe: str, quick: bool) -> dict:
+    """`kompakt bench infer`: TinyBERT's shapes (a 12x768 teacher, a 4x312 student, seeded random weights:
+    speed does not depend on the values) and, when the recipe has a compress section, its teacher and
+    students, in PyTorch fp32/int8 and ONNX Runtime fp32/int8; throughput on the recipe's own text."""
+    import gzip
+
+    from kompakt.compress.bench_infer import infer_benchmark, synthetic_models
+    from kompakt.config import load_recipe
+    from kompakt.pipeline import Pipeline
+
+    rec = load_recipe(recipe)
+    root = rec.path(rec.run_dir) / "bench-infer"
+    texts = []
+    for f in rec.resolve_inputs()[:4]:
+        raw = f.read_bytes()
+        text = (gzip.decompress(raw) if f.suffix == ".gz" else raw).decode("utf-8", "replace")
+        texts += [d.replace("\n", " ") for d in text.split("\n\n") if d.strip()][:512]
+    models = synthetic_models(root / "synthetic")
+    out = {"synthetic": infer_benchmark(models, texts, quick=quick, work_dir=root / "onnx-synthetic")}
+    if rec.compress is not None:
+        p = Pipeline(rec)
+        stage = p.ensure("compress")
+        teacher = (p.upstream_dir("pretrain") / "export" if rec.compress.teacher == "pretrain"
+                   else rec.path(rec.compress.teacher))
+        own = {"teacher": teacher}
+        own.update({s.name: stage / "students" / s.name for s in rec.compress.students if s.method != "quantize"})
+        out["recipe"] = infer_benchmark(own, texts, quick=quick, work_dir=root / "onnx-recipe")
+    result = dict(out["synthetic"])
+    result["recipe_models"] = out.get("recipe")
+    return result
+
+
 def run(what: str, recipe: str, quick: bool = False) -> dict:
     """Run one benchmark and return its figures (printed as a table on stderr by the stage code)."""
     if what == "data":
@@ -66,6 +98,8 @@ def run(what: str, recipe: str, quick: bool = False) -> dict:
             from kompakt.pretrain.bench import train_throughput
 
             result = train_throughput(rec, tok_stage, quick=quick)
+    elif what == "infer":
+        result = infer(recipe, quick=quick)
     else:
         raise ValueError(f"unknown benchmark {what!r}")
     result["device"] = device_name()
