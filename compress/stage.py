@@ -28,6 +28,7 @@ from kompakt.errors import ConfigError, DataError
 from kompakt.log import info, table
 from kompakt.loop import REQUEUE_EXIT, StopFlag, test_hook
 from kompakt.runs import content_digest, package_versions, write_json_atomic
+from kompakt.speed import cpu_name
 
 STUDENT_INFO = "kompakt_student.json"
 MODEL_FILES = ("model.safetensors", "model.onnx", "model_int8.onnx", "pytorch_model.bin")
@@ -176,18 +177,6 @@ def measure_speed(teacher_dir: Path, folder: Path, runtime: str = "torch-fp32") 
     return {"teacher_ms": t, "student_ms": s, "speedup": t / s, "runtime": runtime,
             "text": f"{s:.1f} ms in {runtime} vs the teacher's {t:.1f} ms in torch-fp32 ({t / s:.2f}x) at batch 1, "
                     f"sequence 128, 1 thread, {cpu_name()}"}
-
-
-def cpu_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _requeue(why: str) -> None:

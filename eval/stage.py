@@ -12,7 +12,6 @@ model's card.
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from kompakt.finetune_config import EvalConfig, FinetuneConfig
 from kompakt.log import info, table
 from kompakt.runs import package_versions, write_json_atomic
+from kompakt.speed import device_name
 
 from kompakt.eval import baselines as B
 from kompakt.eval import stats
@@ -211,24 +211,3 @@ def write_cards(results: dict, finetune_dir: Path) -> int:
             (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
             n += 1
     return n
-
-
-def device_name() -> str:
-    import os
-
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    model = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({len(os.sched_getaffinity(0))} cores)"

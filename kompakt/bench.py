@@ -8,32 +8,10 @@ folders they measure on (stage code never imports the pipeline) and adds the dev
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 from kompakt.runs import package_versions
-
-
-def device_name() -> str:
-    """The GPU name when CUDA is there, else the CPU model with its core count."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{model} ({len(os.sched_getaffinity(0))} cores)"
+from kompakt.speed import device_name  # noqa: F401  (the device of every benchmark)
 
 
 def infer(recipe: str, quick: bool) -> dict:

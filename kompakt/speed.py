@@ -11,10 +11,35 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import resource
 import sys
 import time
 from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (e.g. "AMD EPYC 7B13"), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name() -> str:
+    """The GPU name when CUDA is there, else the CPU model with the cores this process may use."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{cpu_name()} ({len(os.sched_getaffinity(0))} cores)"
 
 
 def folder_params(folder: Path) -> dict[str, int]:
