@@ -445,6 +445,15 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
         f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in meta] + [
         "</ul>", f"<p>{html.escape(intro)}</p>"]
 
+    zero = results.get("zero_shot") or {}
+    if zero:
+        title = "Zero-shot: MLM pseudo-perplexity on held-out task text (lower is better; same tokenizer only)"
+        header = ["model", "pseudo-perplexity", "log-prob per token", "tokens"]
+        rows = [[_md(m), f"{z['pseudo_perplexity']:.1f}", f"{z['pll_per_token']:.3f}", f"{z['tokens']:,}"]
+                for m, z in zero.items()]
+        md += [f"## {title}", ""] + _md_table(header, rows) + [""]
+        body += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
+
     taken: set[str] = set()
     for task_name, task in results["tasks"].items():
         if not isinstance(task, dict):

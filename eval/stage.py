@@ -85,6 +85,17 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
                  "n_boot": cfg.n_boot}
     for name, folder in models.items():
         out["models"][name] = {"folder": folder, **model_figures(Path(folder), cfg.measure_speed)}
+    # Zero-shot: every MLM's pseudo-perplexity on the suite's test text (held out of pretraining).
+    from kompakt.eval.pll import pseudo_perplexity
+
+    texts = heldout_texts(suite, tasks)
+    out["zero_shot"] = {}
+    for name, folder in models.items():
+        if name in (manifest.get("distilled") or {}):
+            continue  # the student's own folder, measured under its own name
+        z = pseudo_perplexity(Path(folder), texts)
+        if z is not None:
+            out["zero_shot"][name] = z
     for task in tasks:
         data = load_task(task, suite.folder)
         test = data.splits["test"]
@@ -102,11 +113,15 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
         for model, sizes in preds.items():
             seeded = sorted(sizes["all"], key=lambda x: x[0])
             by_seed = [p for _, p, _ in seeded]
+            grid = {s: r[0][2]["dev_loss"] for s, r in sizes.items() if s.startswith("grid")}
             m = {"scores": [stats_score(metric, gold, p, opts) for p in by_seed],
+                 **({"grid_dev_loss": grid, "grid_choice": seeded[0][2].get("grid_choice")} if grid else {}),
                  "interval": stats.bootstrap_interval(gold, by_seed, metric, n_boot=cfg.n_boot, **opts),
                  "steps": [r["steps"] for _, _, r in seeded], "seconds": [r["seconds"] for _, _, r in seeded]}
             curve = {}
             for size, runs in sizes.items():
+                if size.startswith("grid"):
+                    continue  # hyper-parameter search runs, not learning-curve points
                 ps = [p for _, p, _ in sorted(runs, key=lambda x: x[0])]
                 iv = stats.bootstrap_interval(gold, ps, metric, n_boot=max(100, cfg.n_boot // 5), **opts)
                 curve[str(size)] = {"mean": iv["mean"], "low": iv["low"], "high": iv["high"]}
@@ -169,6 +184,19 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
     cards = write_cards(out, finetune_dir)
     info(f"eval: {len(paths)} report files; scores added to {cards} fine-tuned model card(s)")
     return out_dir
+
+
+def heldout_texts(suite, tasks, limit: int = 200) -> list[str]:
+    """Up to `limit` test texts of the suite's tasks (sentences, joined tokens, QA contexts)."""
+    from kompakt.finetune.tasks import load_task
+
+    texts: list[str] = []
+    for task in tasks:
+        for r in load_task(task, suite.folder).splits["test"]:
+            texts.append(r.get("text") or " ".join(r.get("tokens") or []) or r.get("context") or "")
+            if len(texts) >= limit:
+                return texts
+    return texts
 
 
 def stats_score(metric: str, gold: list, pred: list, opts: dict) -> float:

@@ -44,12 +44,26 @@ class Job:
         return f"{self.task}/{self.model}/{self.size}/seed{self.seed}"
 
 
-def plan_jobs(cfg: FinetuneConfig, task_names: list[str], models: list[str], train_sizes: dict[str, int]) -> list[Job]:
-    """Every job, in order: task, model, size, seed (curve sizes only where they are below the train set),
-    then the task-distillation jobs, which read the teacher's fine-tuned model (seed 0)."""
+def grid_points(task) -> list[dict]:
+    """The combinations of the task's small hyper-parameter grid (empty without a grid)."""
+    import itertools
+
+    g = task.train.grid
+    if g is None:
+        return []
+    keys = [k for k in ("lr", "batch_size", "epochs") if getattr(g, k)]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(getattr(g, k) for k in keys))]
+
+
+def plan_jobs(cfg: FinetuneConfig, task_names: list[str], models: list[str], train_sizes: dict[str, int],
+              grids: dict[str, int] | None = None) -> list[Job]:
+    """Every job, in order: per task and model first its grid points (seed 0, size "grid<k>"), then
+    size and seed (curve sizes only where they are below the train set); then the task-distillation
+    jobs, which read the teacher's fine-tuned model (seed 0)."""
     out = []
     for t in task_names:
         for m in models:
+            out += [Job(t, m, f"grid{k}", 0) for k in range((grids or {}).get(t, 0))]
             sizes = ["all"]
             if m in cfg.curve_models:
                 sizes += [str(s) for s in cfg.learning_curve if s < train_sizes[t]]
@@ -102,6 +116,20 @@ def augmented(stage_dir: Path, d, task, examples: list[dict], mlm_dir: Path) -> 
     return rows, figures
 
 
+def best_grid_point(stage_dir: Path, job: Job, points: list[dict]) -> dict:
+    """The grid point with the lowest dev loss for this task and model (its grid jobs ran first)."""
+    from kompakt.errors import ConfigError
+
+    losses = []
+    for k in range(len(points)):
+        path = stage_dir / "jobs" / job.task / job.model / f"grid{k}" / "seed0" / RESULT
+        if not path.is_file():
+            raise ConfigError(f"finetune: {job.path} needs the grid results of {job.task}/{job.model} ({path}); run "
+                              f"the grid jobs (they come first in the job order) before this shard")
+        losses.append(json.loads(path.read_text())["dev_loss"])
+    return points[min(range(len(points)), key=losses.__getitem__)]
+
+
 def check_model(name: str, folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise DataError(f"finetune.models: {name} -> {folder} has no config.json; point at a Hugging Face model folder")
@@ -148,7 +176,8 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
     check_distill(cfg, models)
     distills = {d.name: d for d in cfg.distill}
     train_sizes = {t: len(d.splits["train"]) for t, d in data.items()}
-    jobs = plan_jobs(cfg, [t.name for t in tasks], list(models), train_sizes)
+    points = {t.name: grid_points(t) for t in tasks}
+    jobs = plan_jobs(cfg, [t.name for t in tasks], list(models), train_sizes, {t: len(p) for t, p in points.items()})
     mine = jobs
     if cfg.shard:
         i, n = (int(x) for x in cfg.shard.split("/"))
@@ -164,7 +193,15 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
         if (job_dir / RESULT).is_file():
             continue
         task, d = by_name[job.task], data[job.task]
-        train = d.splits["train"] if job.size == "all" else subsample(d.splits["train"], int(job.size), job.seed)
+        grid_choice = None
+        if job.size.startswith("grid"):  # one grid point: the full training set, the point's settings
+            task = task.model_copy(update={"train": task.train.model_copy(update=points[job.task][int(job.size[4:])])})
+            train = d.splits["train"]
+        else:
+            if points[job.task] and job.model not in distills:
+                grid_choice = best_grid_point(stage_dir, job, points[job.task])
+                task = task.model_copy(update={"train": task.train.model_copy(update=grid_choice)})
+            train = d.splits["train"] if job.size == "all" else subsample(d.splits["train"], int(job.size), job.seed)
         if cfg.max_train_examples:
             train = train[:cfg.max_train_examples]
         splits = {"train": train, "dev": d.splits["dev"], "test": d.splits["test"]}
@@ -191,7 +228,7 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
             out.setdefault("distill", {}).update(augment=aug_figures, teacher=spec.teacher, student=spec.student)
         if out["stopped"] != "done":
             _requeue(f"{job.path} stopped by {out['stopped']} at step {out['step']}")
-        out.update(job=job.__dict__, model_dir=str(model_dir))
+        out.update(job=job.__dict__, model_dir=str(model_dir), **({"grid_choice": grid_choice} if grid_choice else {}))
         write_json_atomic(job_dir / RESULT, out)
         shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # the result is what later stages read
         if stop.requested:

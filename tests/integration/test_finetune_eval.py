@@ -63,7 +63,8 @@ def write_suite(folder: Path, n: int = 240, label_column: str = "label") -> Path
                  {"name": "snow", "type": "classification",
                   "source": {"format": "csv", "train": "train.csv", "dev": "dev.csv", "test": "test.csv"},
                   "columns": {"text": "setning", "label": "label"}, "metric": "accuracy",
-                  "train": {"lr": 3e-3, "batch_size": 16, "epochs": 3, "max_seq_len": 32}},
+                  "train": {"lr": 3e-3, "batch_size": 16, "epochs": 3, "max_seq_len": 32,
+                            "grid": {"lr": [3e-3, 1e-5]}}},
                  {"name": "weather", "type": "token_classification",
                   "source": {"format": "conll", "train": "train.conll", "dev": "dev.conll", "test": "test.conll"},
                   "columns": {"tokens": 0, "tags": 1}, "metric": "span_f1",
@@ -95,7 +96,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-@pytest.mark.slow  # about 60 s on 2 cores: 2 tasks x (2 seeds + 2 curve seeds), TF-IDF, bootstrap, plots
+@pytest.mark.slow  # about 60 s on 2 cores: 2 tasks x (2 seeds + 2 curve seeds) + 2 grid points, TF-IDF, plots
 def test_eval_on_a_users_own_files(tmp_path, tiny_bert):
     suite = write_suite(tmp_path)
     recipe = write_recipe(tmp_path, suite, tiny_bert)
@@ -108,6 +109,8 @@ def test_eval_on_a_users_own_files(tmp_path, tiny_bert):
     tiny = snow["models"]["tiny"]
     assert len(tiny["scores"]) == 2 and tiny["interval"]["low"] <= tiny["interval"]["mean"] <= tiny["interval"]["high"]
     assert set(tiny["learning_curve"]) == {"50", "all"}
+    # the small grid ran first (seed 0) and its lower dev loss chose the learning rate: 1e-5 barely moves
+    assert set(tiny["grid_dev_loss"]) == {"grid0", "grid1"} and tiny["grid_choice"] == {"lr": 3e-3}
     assert "tfidf" in snow["baselines"] and snow["baselines"]["tfidf"]["interval"]["mean"] > snow["majority"]
     assert results["versions"] and results["device"]
     md = (ev / "report.md").read_text()
