@@ -253,12 +253,7 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
             out = distill.train_student(s, teacher, teacher_digest, tokenizer_stage, work,
                                         cache_root=cache_root / f"teacher-{teacher_digest[:16]}", stop=stop,
                                         extra_state={"recipe": recipe_name})
-            result = out["result"]
-            if result.stopped != "done":
-                where = f"saved {result.checkpoint}" if result.checkpoint else "nothing new to save"
-                _requeue(f"{s.name} stopped by {result.stopped} at step {result.step:,}; {where}")
-            if env.is_main:
-                export_student(out["model"], tmp, tokenizer_stage / "tokenizer", has_head)
+            result = finish_training(s.name, out, tmp, tokenizer_stage, has_head, env.is_main)
             figures = {k: out[k] for k in ("num_params", "mapping", "init", "mlm_before", "mlm_after", "mlm_teacher",
                                            "cache")}
             figures.update(steps=result.step, tokens_seen=result.tokens_seen, eval_loss=result.eval_loss,
@@ -270,12 +265,7 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
             work = work_root / s.name
             work.mkdir(parents=True, exist_ok=True)
             out = train_theseus(s, teacher, tokenizer_stage, work, stop=stop, extra_state={"recipe": recipe_name})
-            result = out["result"]
-            if result.stopped != "done":
-                where = f"saved {result.checkpoint}" if result.checkpoint else "nothing new to save"
-                _requeue(f"{s.name} stopped by {result.stopped} at step {result.step:,}; {where}")
-            if env.is_main:
-                export_student(out["model"], tmp, tokenizer_stage / "tokenizer", has_head)
+            result = finish_training(s.name, out, tmp, tokenizer_stage, has_head, env.is_main)
             figures = {k: out[k] for k in ("num_params", "mlm_before", "mlm_after", "mlm_teacher")}
             figures.update(steps=result.step, tokens_seen=result.tokens_seen, eval_loss=result.eval_loss)
             rows += [("module replacing", f"{teacher.cfg.num_layers} -> {s.num_layers} layers; rate {s.replace_rate} "
@@ -369,6 +359,17 @@ def distill_rows(s, f: dict) -> list[tuple[str, str]]:
         rows.append(("teacher outputs", f"{cache['hits']:,} micro-batches read from the cache, "
                                         f"{cache['teacher_forwards']:,} computed"))
     return rows
+
+
+def finish_training(name: str, out: dict, tmp: Path, tokenizer_stage: Path, has_head: bool, is_main: bool):
+    """A trained student: requeue when its loop stopped early (signal, time limit), else export it to `tmp`."""
+    result = out["result"]
+    if result.stopped != "done":
+        where = f"saved {result.checkpoint}" if result.checkpoint else "nothing new to save"
+        _requeue(f"{name} stopped by {result.stopped} at step {result.step:,}; {where}")
+    if is_main:
+        export_student(out["model"], tmp, tokenizer_stage / "tokenizer", has_head)
+    return result
 
 
 def export_student(model: torch.nn.Module, out: Path, tokenizer_dir: Path, has_head: bool) -> None:

@@ -49,3 +49,12 @@ def pad(rows: list[list[int]], value: int):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
     return ids, mask
+
+
+def encoder_batch(features: list[dict], pad_id: int) -> dict:
+    """`input_ids`, `attention_mask` and (when the features have them) `token_type_ids`, padded."""
+    ids, mask = pad([f["input_ids"] for f in features], pad_id)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in features[0]:
+        batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0)[0]
+    return batch

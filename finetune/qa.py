@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kompakt.finetune.heads import pad
+from kompakt.finetune.heads import encoder_batch
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,7 @@ class QATask:
         return feats
 
     def collate(self, features: list[dict], pad_id: int) -> dict:
-        ids, mask = pad([f["input_ids"] for f in features], pad_id)
-        batch = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in features[0]:
-            batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0)[0]
+        batch = encoder_batch(features, pad_id)
         if "start_positions" in features[0]:
             batch["start_positions"] = torch.tensor([f["start_positions"] for f in features])
             batch["end_positions"] = torch.tensor([f["end_positions"] for f in features])

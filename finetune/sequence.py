@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kompakt.finetune.heads import pad
+from kompakt.finetune.heads import encoder_batch
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,7 @@ class SequenceTask:
         return feats
 
     def collate(self, features: list[dict], pad_id: int) -> dict:
-        ids, mask = pad([f["input_ids"] for f in features], pad_id)
-        batch = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in features[0]:
-            batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0)[0]
+        batch = encoder_batch(features, pad_id)
         if "label" in features[0]:
             dtype = torch.float32 if self.regression else torch.long
             batch["labels"] = torch.tensor([f["label"] for f in features], dtype=dtype)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kompakt.finetune.heads import pad
+from kompakt.finetune.heads import encoder_batch, pad
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,7 @@ class TokenTask:
         return feats
 
     def collate(self, features: list[dict], pad_id: int) -> dict:
-        ids, mask = pad([f["input_ids"] for f in features], pad_id)
-        batch = {"input_ids": ids, "attention_mask": mask}
+        batch = encoder_batch(features, pad_id)
         if "labels" in features[0]:
             batch["labels"] = pad([f["labels"] for f in features], -100)[0]
         return batch

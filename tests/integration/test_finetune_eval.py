@@ -85,7 +85,11 @@ def write_recipe(tmp: Path, suite: Path, model: Path, **finetune) -> Path:
 
 
 def kompakt(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, KOMPAKT_WATCH_PARENT="0")
+    # Not the rendezvous of this pytest process (a test above may have started one in-process): a plain
+    # kompakt process picks its own free port.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["KOMPAKT_WATCH_PARENT"] = "0"
     return subprocess.run([sys.executable, "-m", "kompakt.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=900)
 

@@ -64,7 +64,7 @@ def test_a_different_student_has_positive_losses_and_gradients():
     assert student.hidden_proj is not None and student.sim_proj is not None
     out = step_for(ALL, layer_map("uniform", 2, 4), teacher)(student, batch(), teacher)
     for name, value in out["losses"].items():
-        assert float(value) > 1e-4, name
+        assert float(value.detach()) > 1e-4, name
     out["loss"].backward()
     grads = [p.grad for p in student.student.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
