@@ -13,7 +13,6 @@ students already written, and `manifest.json` with `complete: true` comes last.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import shutil
 import sys
@@ -28,7 +27,7 @@ from kompakt.errors import ConfigError, DataError
 from kompakt.log import info, table
 from kompakt.loop import REQUEUE_EXIT, StopFlag, test_hook
 from kompakt.runs import content_digest, package_versions, write_json_atomic
-from kompakt.speed import cpu_name
+from kompakt.speed import cpu_name, folder_params
 
 STUDENT_INFO = "kompakt_student.json"
 MODEL_FILES = ("model.safetensors", "model.onnx", "model_int8.onnx", "pytorch_model.bin")
@@ -86,13 +85,8 @@ def disk_bytes(folder: Path) -> int:
 
 
 def count_params(folder: Path) -> int:
-    from safetensors import safe_open
-
-    path = folder / "model.safetensors"
-    if not path.is_file():
-        return 0
-    with safe_open(str(path), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    """Parameters of a folder's weights, tied ones once (0 for an ONNX-only folder)."""
+    return folder_params(folder).get("params", 0)
 
 
 def prune_rows(f: dict) -> list[tuple[str, str]]:

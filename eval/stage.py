@@ -88,7 +88,8 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
     # Zero-shot: every MLM's pseudo-perplexity on the suite's test text (held out of pretraining).
     from kompakt.eval.pll import pseudo_perplexity
 
-    texts = heldout_texts(suite, tasks)
+    datas = {t.name: load_task(t, suite.folder) for t in tasks}  # read once, for the zero-shot text and the scores
+    texts = heldout_texts(tasks, datas)
     out["zero_shot"] = {}
     for name, folder in models.items():
         if name in (manifest.get("distilled") or {}):
@@ -97,7 +98,7 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
         if z is not None:
             out["zero_shot"][name] = z
     for task in tasks:
-        data = load_task(task, suite.folder)
+        data = datas[task.name]
         test = data.splits["test"]
         gold = gold_of(task.type, test)
         opts = metric_options(task, getattr(suite, "language", None))
@@ -186,13 +187,11 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
     return out_dir
 
 
-def heldout_texts(suite, tasks, limit: int = 200) -> list[str]:
+def heldout_texts(tasks, datas: dict, limit: int = 200) -> list[str]:
     """Up to `limit` test texts of the suite's tasks (sentences, joined tokens, QA contexts)."""
-    from kompakt.finetune.tasks import load_task
-
     texts: list[str] = []
     for task in tasks:
-        for r in load_task(task, suite.folder).splits["test"]:
+        for r in datas[task.name].splits["test"]:
             texts.append(r.get("text") or " ".join(r.get("tokens") or []) or r.get("context") or "")
             if len(texts) >= limit:
                 return texts
