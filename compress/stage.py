@@ -25,7 +25,7 @@ from kompakt import dist
 from kompakt.compress_config import CompressConfig
 from kompakt.errors import ConfigError, DataError
 from kompakt.log import info, table
-from kompakt.loop import REQUEUE_EXIT, StopFlag, test_hook
+from kompakt.loop import StopFlag, exit_for_requeue, test_hook
 from kompakt.runs import content_digest, package_versions, write_json_atomic
 from kompakt.speed import cpu_name, folder_params
 
@@ -174,8 +174,7 @@ def measure_speed(teacher_dir: Path, folder: Path, runtime: str = "torch-fp32") 
 
 
 def _requeue(why: str) -> None:
-    info(f"compress: {why}; exit {REQUEUE_EXIT} so the job can be requeued (resume: auto continues)")
-    sys.exit(REQUEUE_EXIT)
+    exit_for_requeue("compress", why)
 
 
 def run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_dir: Path, *, stage_hash: str,

@@ -24,7 +24,7 @@ from kompakt import dist
 from kompakt.errors import DataError
 from kompakt.finetune_config import FinetuneConfig
 from kompakt.log import info
-from kompakt.loop import REQUEUE_EXIT, StopFlag, test_hook
+from kompakt.loop import StopFlag, exit_for_requeue, test_hook
 from kompakt.runs import package_versions, write_json_atomic
 
 from kompakt.finetune.tasks import subsample
@@ -116,6 +116,11 @@ def augmented(stage_dir: Path, d, task, examples: list[dict], mlm_dir: Path) -> 
     return rows, figures
 
 
+def grid_done(stage_dir: Path, job: Job, points: list[dict]) -> bool:
+    return all((stage_dir / "jobs" / job.task / job.model / f"grid{k}" / "seed0" / RESULT).is_file()
+               for k in range(len(points)))
+
+
 def best_grid_point(stage_dir: Path, job: Job, points: list[dict]) -> dict:
     """The grid point with the lowest dev loss for this task and model (its grid jobs ran first)."""
     from kompakt.errors import ConfigError
@@ -139,8 +144,7 @@ def check_model(name: str, folder: Path) -> None:
 
 
 def _requeue(why: str) -> None:
-    info(f"finetune: {why}; exit {REQUEUE_EXIT} so the job can be requeued (resume: auto continues)")
-    sys.exit(REQUEUE_EXIT)
+    exit_for_requeue("finetune", why)
 
 
 def run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage_hash: str, inputs: dict,
@@ -199,6 +203,9 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
             train = d.splits["train"]
         else:
             if points[job.task] and job.model not in distills:
+                if cfg.shard and not grid_done(stage_dir, job, points[job.task]):
+                    info(f"finetune: {job.path} waits for its grid jobs (another shard); left for the final run")
+                    continue
                 grid_choice = best_grid_point(stage_dir, job, points[job.task])
                 task = task.model_copy(update={"train": task.train.model_copy(update=grid_choice)})
             train = d.splits["train"] if job.size == "all" else subsample(d.splits["train"], int(job.size), job.seed)
@@ -213,6 +220,9 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
         if job.model in distills:
             spec = distills[job.model]
             teacher_ft = stage_dir / "models" / job.task / spec.teacher
+            if not (teacher_ft / "config.json").is_file() and cfg.shard:
+                info(f"finetune: {job.path} waits for the fine-tuned teacher (another shard); left for the final run")
+                continue
             if not (teacher_ft / "config.json").is_file():
                 from kompakt.errors import ConfigError
 

@@ -7,6 +7,8 @@
     kompakt run RECIPE [...]                       every stage the recipe has, in order
     kompakt validate RECIPE [...]                  check a recipe and print it resolved
     kompakt bench data|model|train|infer [--json]  benchmarks, with ratios against a baseline
+    kompakt slurm submit RECIPE --stage STAGE ...  render the stage's sbatch jobs and submit them
+    kompakt slurm status RUN                       a run's jobs and which of its stages are complete
 
 A user's mistake (missing file, bad UTF-8, unknown key) ends with one line on stderr and exit
 status 2; `--debug` shows the traceback instead.
@@ -82,7 +84,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--recipe", default="recipes/demo-nb.yaml", help="recipe whose corpus and sizes to use")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+
+    p = sub.add_parser("slurm", help="submit stages as Slurm jobs and follow them",
+                       description="Renders slurm/templates with a cluster profile (slurm/clusters/*.env) and submits "
+                                   "them with sbatch, chained with --dependency=afterok.")
+    slurm_sub = p.add_subparsers(dest="slurm_command", metavar="ACTION", required=True)
+    s = slurm_sub.add_parser("submit", help="render and sbatch a stage (with its incomplete upstream) or all",
+                             description="Submits the stage and any upstream stage that is not complete (or every "
+                                         "incomplete stage with --stage all), each as its own job waiting for the "
+                                         "ones it reads. Stages already queued are not submitted twice.")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, passed to every job")
+    s.add_argument("--stage", required=True, help="a stage (prepare, tokenizer, pretrain, ...) or all")
+    s.add_argument("--nodes", type=int, default=1, help="nodes for the training stages (pretrain, compress)")
+    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; training runs one process per GPU")
+    s.add_argument("--procs-per-node", type=int, default=None, help="training processes per node without GPUs")
+    s.add_argument("--profile", default="local", help="cluster profile: a name in slurm/clusters/ or a .env file")
+    s.add_argument("--launcher", choices=("srun", "torchrun"), default=None, help="default: the profile's (srun)")
+    s.add_argument("--time", default=None, help="time limit of every job, e.g. 2-00:00:00 (default: the profile's)")
+    s.add_argument("--account", default=None, help="project account (default: $KOMPAKT_SLURM_ACCOUNT, the profile's)")
+    s.add_argument("--partition", default=None, help="partition of every job (default: the profile's)")
+    s.add_argument("--finetune-tasks", type=int, default=1, help="fine-tuning as an array of this many shards")
+    s.add_argument("--warn-seconds", type=int, default=None,
+                   help="training saves this long before the time limit (--signal=B:USR1@N; default: the profile's)")
+    s.add_argument("--max-requeues", type=int, default=None, help="requeues after which a job stops requeueing itself")
+    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG", help="one more sbatch directive")
+    s.add_argument("--dry-run", action="store_true", help="print the scripts and their dependencies; submit nothing")
+    s = slurm_sub.add_parser("status", help="a run's jobs and which stages are complete")
+    s.add_argument("run", help="the recipe (with its overrides) or its run directory")
+    s.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from kompakt.slurm import submit
+    from kompakt.slurm.jobs import Options
+
+    if args.slurm_command == "status":
+        report = submit.status(args.run, args.overrides)
+        if args.json:
+            print(json.dumps(report, sort_keys=True))
+        else:
+            submit.print_status(report)
+        return 0
+    opts = Options(stage=args.stage, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                   procs_per_node=args.procs_per_node, profile=args.profile, launcher=args.launcher, time=args.time,
+                   account=args.account, partition=args.partition, finetune_tasks=args.finetune_tasks,
+                   warn_seconds=args.warn_seconds, max_requeues=args.max_requeues, sbatch_args=args.sbatch_arg)
+    submit.submit(args.recipe, args.overrides, opts, dry_run=args.dry_run)
+    return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -99,6 +150,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result, sort_keys=True))
         return 0
+    if args.command == "slurm":
+        return _slurm(args)
     if args.command == "export":
         from pathlib import Path
 
@@ -124,7 +177,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow the options too (`kompakt slurm submit R --stage all data.num_shards=2`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args)
     except KompaktError as err:

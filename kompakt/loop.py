@@ -43,6 +43,22 @@ from kompakt.train_config import TrainSection
 
 # EX_TEMPFAIL from sysexits.h: "try again later" - the job saved and wants a requeue.
 REQUEUE_EXIT = 75
+_TEST_STEP_SECONDS = float(os.environ.get("KOMPAKT_TEST_STEP_SECONDS", "0") or 0)
+
+
+def exit_for_requeue(stage: str, why: str) -> None:
+    """End the process with `REQUEUE_EXIT` after a save. Under a Slurm job (slurm/templates/prelude.sh)
+    rank 0 also leaves `$KOMPAKT_REQUEUE_MARKER`, since torchrun reports its own status, not 75."""
+    import sys
+
+    info(f"{stage}: {why}; exit {REQUEUE_EXIT} so the job can be requeued (resume: auto continues)")
+    marker = os.environ.get("KOMPAKT_REQUEUE_MARKER")
+    if marker and dist.detect_rank() == 0:
+        try:
+            Path(marker).touch()
+        except OSError as err:  # the exit status still says it; only a torchrun job would miss it
+            warn(f"could not leave the requeue marker {marker}: {err}")
+    sys.exit(REQUEUE_EXIT)
 
 
 class NonFiniteLossError(KompaktError):
@@ -259,6 +275,8 @@ def train_loop(engine: TrainEngine, section: TrainSection, loader, *, out_dir: P
             step_parts: dict[str, torch.Tensor] = {}
             finite = torch.ones((), dtype=torch.bool, device=device)
             step_tokens = 0
+            if _TEST_STEP_SECONDS:  # test hook: a step that takes a known wall time, for the Slurm time-limit tests
+                time.sleep(_TEST_STEP_SECONDS)
             for micro in range(accum):
                 batch = next(batches)
                 if describe is not None and is_main and step == 0 and micro == 0 and not start:

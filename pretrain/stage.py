@@ -26,7 +26,7 @@ from kompakt.engine import build_engine, init_distributed
 from kompakt.errors import ConfigError, DataError
 from kompakt.export import export_checkpoint, load_weights  # noqa: F401  (`kompakt export`, older callers)
 from kompakt.log import info, table, warn
-from kompakt.loop import REQUEUE_EXIT, StopFlag, test_hook
+from kompakt.loop import StopFlag, exit_for_requeue, test_hook
 from kompakt.model_config import ModelConfig, check_vocab
 from kompakt.pretrain_config import PretrainConfig
 from kompakt.runs import RESOLVED_CONFIG, artifact_digests, package_versions, read_manifest, write_json_atomic
@@ -134,8 +134,7 @@ def run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stag
 
 
 def _requeue(why: str) -> None:
-    info(f"pretrain: {why}; exit {REQUEUE_EXIT} so the job can be requeued (resume: auto continues)")
-    sys.exit(REQUEUE_EXIT)
+    exit_for_requeue("pretrain", why)
 
 
 def _run(model_cfg: ModelConfig, cfg: PretrainConfig, tokenizer_stage: Path, stage_dir: Path, *,

@@ -2,7 +2,8 @@
 
 - a stage package never imports another stage (eval may import finetune);
 - no stage imports the dispatch (kompakt.cli, kompakt.pipeline, kompakt.bench): that closes a cycle;
-- the core (kompakt/) imports no stage, except the dispatch modules, which exist to call them.
+- the core (kompakt/) imports no stage, except the dispatch modules, which exist to call them;
+- slurm/ (kompakt.slurm, a tool beside the CLI) reads the pipeline's declarations but imports no stage.
 `kompakt/models/` importing torch only is tests/unit/test_import_boundary.py.
 """
 
@@ -34,6 +35,10 @@ def violations() -> list[str]:
                     bad.append(f"{folder}/{path.name} imports stage {m}")
                 if any(m == d or m.startswith(d + ".") for d in DISPATCH):
                     bad.append(f"{folder}/{path.name} imports the dispatch {m}")
+    for path in sorted((REPO / "slurm").rglob("*.py")):
+        for m in imported_modules(path):
+            if _stage_of(m):
+                bad.append(f"slurm/{path.name} imports stage {m}")
     for path in sorted((REPO / "kompakt").rglob("*.py")):
         module = "kompakt." + path.relative_to(REPO / "kompakt").with_suffix("").as_posix().replace("/", ".")
         if module in DISPATCH:
