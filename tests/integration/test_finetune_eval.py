@@ -200,3 +200,22 @@ def test_a_real_pretrained_model_beats_the_majority_class(suite_name, task, n, l
     # "Clearly": the whole 95% interval over test examples lies 5 points above the majority class
     # (measured: demo-nb 0.65 vs 0.36, demo-zh 0.64 vs 0.50).
     assert iv["low"] > majority + 0.05, (iv, majority)
+
+
+def test_finetune_shards_leave_what_waits_on_another_shard_to_the_final_run(tmp_path, tiny_bert):
+    """A Slurm array of fine-tuning shards: the job that needs both grid points (one in each shard) is
+    left for the final run instead of failing the shard that gets it before the other's grid point."""
+    suite = write_suite(tmp_path)
+    recipe = write_recipe(tmp_path, suite, tiny_bert, tasks=["snow"], seeds=1, learning_curve=[], curve_models=[])
+    first = kompakt("finetune", str(recipe), "finetune.shard=0/2", cwd=tmp_path)  # grid0, then seed 0: waits
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "snow/tiny/all/seed0 waits for its grid jobs (another shard); left for the final run" in first.stderr
+    (ft,) = (tmp_path / "runs").glob("finetune-*")
+    assert not (ft / "manifest.json").exists()
+    second = kompakt("finetune", str(recipe), "finetune.shard=1/2", cwd=tmp_path)  # grid1
+    assert second.returncode == 0 and "1 jobs of other shards are still missing" in second.stderr, second.stderr[-3000:]
+    final = kompakt("finetune", str(recipe), cwd=tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert json.loads((ft / "manifest.json").read_text())["complete"] is True
+    result = json.loads((ft / "jobs" / "snow" / "tiny" / "all" / "seed0" / "result.json").read_text())
+    assert result["grid_choice"] == {"lr": 3e-3}

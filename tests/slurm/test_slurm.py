@@ -4,7 +4,8 @@ slurm-wlm and munge, as root), through the real CLI and sbatch:
 - a 2-task pretraining job of the demo recipe (2 processes over gloo) leaves checkpoints and an export;
 - `scontrol requeue` mid-run, and separately a short time limit whose warning signal
   (`--signal=B:USR1@45`) arrives mid-run, each resume from the checkpoint saved on the way out and
-  end with the same weights as the uninterrupted job;
+  end with the same weights as the uninterrupted job (the latter launched by torchrun with the c10d
+  rendezvous, the others by srun, one task per rank);
 - a job that fails for another reason is not requeued;
 - a data_prep array of 2 tasks plus the merge job gives the corpus of a single process.
 
@@ -156,8 +157,9 @@ def pretrain_jobs(cluster, corpus, upstream, tmp_path_factory):
     slow = {"KOMPAKT_TEST_STEP_SECONDS": "0.25"}
     ids = {"plain": submit(corpus, runs["plain"], "--stage", "pretrain", "--procs-per-node", "2", **slow)[0],
            "requeue": submit(corpus, runs["requeue"], "--stage", "pretrain", "--procs-per-node", "2", **slow)[0],
+           # torchrun reports its own status, not the workers' 75: the requeue marker carries it.
            "timelimit": submit(corpus, runs["timelimit"], "--stage", "pretrain", "--procs-per-node", "2",
-                               "--time", "2", "--warn-seconds", "45", **slow)[0]}
+                               "--launcher", "torchrun", "--time", "2", "--warn-seconds", "45", **slow)[0]}
     events: dict[str, object] = {}
 
     def drive():
