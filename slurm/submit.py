@@ -190,7 +190,8 @@ def status(run: str, overrides: list[str]) -> dict:
 def print_status(report: dict) -> None:
     print(f"stages ({report['log_dir'].rsplit('/', 1)[0]}):")
     for name, s in report["stages"].items():
-        print(f"  {name:<10} {'complete' if s['complete'] else 'not complete':<13} {Path(s['dir']).name}")
+        stage = name.rsplit("-", 1)[0]  # a run directory's stages are keyed by folder name
+        print(f"  {stage:<12} {'complete' if s['complete'] else 'not complete':<13} {Path(s['dir']).name}")
     if not report["jobs"]:
         print(f"jobs: none submitted (no {Path(report['log_dir']) / LEDGER})")
         return

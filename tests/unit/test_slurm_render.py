@@ -136,3 +136,16 @@ def test_submit_without_sbatch_says_where_to_run_it(capsys, corpus, tmp_path, mo
     monkeypatch.setenv("PATH", "/nonexistent")
     assert main(["slurm", "submit", RECIPE, f"run_dir={tmp_path}", f"data.inputs=[{corpus}]", "--stage", "tokenizer"]) == 2
     assert "sbatch not found: run this on a Slurm login node" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_released_recipe_renders_for_a_gpu_cluster(capsys, tmp_path, name):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "Dette er en liten tekst."}\n', encoding="utf-8")
+    jobs = dry_run(capsys, "--stage", "all", f"run_dir={tmp_path / 'run'}", f"data.inputs=[{corpus}]", "--nodes", "4",
+                   "--gpus-per-node", "4", "--profile", "saga", "--account", "nn0000k")
+    keys = [j["key"] for j in jobs]
+    assert "pretrain" in keys and keys.index("tokenizer") < keys.index("pretrain")
+    for job in jobs:
+        assert subprocess.run(["bash", "-n"], input=job["script"], text=True).returncode == 0, job["key"]
+    assert {"--nodes=4", "--gpus-per-node=4", "--partition=accel"} <= set(jobs[keys.index("pretrain")]["directives"])
