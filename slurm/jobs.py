@@ -314,15 +314,22 @@ class Planner:
                                                      PROCS_PER_NODE=str(procs), LAUNCHER=self.launcher))
         return Job(stage, stage, "train", script, [])
 
+    def task_cpus(self, stage: str) -> str | None:
+        """A one-process job's CPUs: the profile's, or the worker processes the recipe asks for if more."""
+        cpus = int(self.profile.get("CPUS_PER_TASK", 0) or 0)
+        section = {"prepare": self.recipe.data, "tokenizer": self.recipe.tokenizer}.get(stage)
+        cpus = max(cpus, getattr(section, "num_proc", 0) or 0)
+        return str(cpus) if cpus else None
+
     def task_job(self, key: str, stage: str, *, gpus: int = 0, saving: bool = False, extra: list[str] = ()) -> Job:
-        directives = self.directives(key, gpus=gpus > 0, saving=saving, cpus=self.profile.get("CPUS_PER_TASK"),
+        directives = self.directives(key, gpus=gpus > 0, saving=saving, cpus=self.task_cpus(stage),
                                      gpus_per_node=gpus)
         step = f"{self.srun('--ntasks=1')} bash {shlex.quote(str(RANK_SH))} {self.command(stage, list(extra))}"
         return Job(key, stage, "task", render("task.sbatch", self._values(stage, directives, step)), [])
 
     def array_job(self, key: str, stage: str, n: int, shard_arg: str, shard_key: str, *, gpus: int = 0,
                   saving: bool = False) -> Job:
-        directives = self.directives(key, gpus=gpus > 0, saving=saving, array=n, cpus=self.profile.get("CPUS_PER_TASK"),
+        directives = self.directives(key, gpus=gpus > 0, saving=saving, array=n, cpus=self.task_cpus(stage),
                                      gpus_per_node=gpus)
         step = f"{self.srun('--ntasks=1')} bash {shlex.quote(str(RANK_SH))} {self.command(stage, [shard_arg])}"
         script = render("array.sbatch", self._values(stage, directives, step, ARRAY_SIZE=str(n), SHARD_KEY=shard_key))

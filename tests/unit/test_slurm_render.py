@@ -65,6 +65,9 @@ def test_all_renders_the_pipeline_as_a_chain_with_the_right_dependencies(capsys,
     train = by["pretrain"]["directives"]
     assert {"--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4"} <= set(train)
     assert "MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))" in by["pretrain"]["script"]
+    # data_prep and the tokenizer get the worker processes the recipe asks for (num_proc: 2).
+    assert "--cpus-per-task=2" in by["prepare-parts"]["directives"] and "--cpus-per-task=2" in by["tokenizer"]["directives"]
+    assert "--cpus-per-task=1" in by["eval"]["directives"]
     # CPU-only jobs ask for no GPU; a fine-tuning task asks for one.
     assert not any("gpu" in x for x in by["tokenizer"]["directives"])
     assert "--gpus-per-node=1" in by["finetune-shards"]["directives"]
