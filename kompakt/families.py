@@ -84,3 +84,6 @@ register(Family("spanbert", build="kompakt.models.bert:SpanBertForPreTraining", 
 register(Family("lattice", build="kompakt.models.lattice:build_lattice_model", export="kompakt.hf_lattice:export",
                 load="kompakt.hf_lattice:load_pretrained", flops="kompakt.models.flops:lattice_model_flops",
                 hf_model_type="lattice-bert"))
+register(Family("modernbert", build="kompakt.models.modernbert:ModernBertForMaskedLM",
+                export="kompakt.hf_modernbert:export", load="kompakt.hf_modernbert:load_pretrained",
+                flops="kompakt.models.flops:modernbert_model_flops", hf_model_type="modernbert"))

@@ -178,11 +178,17 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer_dir: str | Path | No
     """Write a stock HF folder (`config.json`, `model.safetensors`, tokenizer files, `README.md`).
 
     Written into `<out_dir>.tmp` and renamed, so a kill leaves no half-written folder."""
+    return export_stock(to_hf_model(model, head), out_dir, tokenizer_dir, model_card)
+
+
+def export_stock(hf_model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                 model_card: str | None = None, model_input_names: list[str] | None = None) -> Path:
+    """`save_pretrained` of a stock model plus the tokenizer files and the card, atomically (any family).
+    `model_input_names` replaces the tokenizer's (a model without token types must not be fed them)."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    hf_model = to_hf_model(model, head)
     hf_model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer_dir is not None:
         tok = Path(tokenizer_dir)
@@ -192,6 +198,11 @@ def export(model: nn.Module, out_dir: str | Path, tokenizer_dir: str | Path | No
                             "pass the tokenizer folder the tokenization stage wrote")
         for f in found:
             shutil.copy2(f, tmp / f.name)
+        config_path = tmp / "tokenizer_config.json"
+        if model_input_names is not None and config_path.exists():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config["model_input_names"] = model_input_names
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if model_card is not None:
         (tmp / "README.md").write_text(model_card, encoding="utf-8")
     if out.exists():

@@ -32,6 +32,17 @@ class LatticeConfig(StrictModel):
     max_relative_distance: int = Field(32, ge=1)
 
 
+class ModernBertOptions(StrictModel):
+    """ModernBERT extras (family "modernbert"; kompakt/models/modernbert.py), named as in `ModernBertConfig`."""
+
+    # The local layers' whole window: a token sees local_attention // 2 positions on each side.
+    local_attention: int = Field(128, ge=2)
+    # Layer i attends globally when i % global_every == 0 (ModernBERT: every third, starting with the first).
+    global_every: int = Field(3, ge=1)
+    global_rope_theta: float = Field(160_000.0, gt=0.0)
+    local_rope_theta: float = Field(10_000.0, gt=0.0)
+
+
 class ModelConfig(StrictModel):
     """Model family and sizes; `vocab_size` must match the tokenizer's (see `check_vocab`)."""
 
@@ -43,6 +54,7 @@ class ModelConfig(StrictModel):
     num_layers: int = Field(12, ge=1)
     num_heads: int = Field(12, ge=1)
     intermediate_size: int = Field(3072, ge=8)
+    # ModernBERT: the GeGLU width F (its Wi gives 2F). ALBERT's factorised embedding width E below.
     # ALBERT's factorised embedding width E (E < hidden_size); ignored by the other families.
     embedding_size: int = Field(128, ge=1)
     # ALBERT's cross-layer sharing, as in HF AlbertConfig: layer i runs group int(i / (num_layers / groups)),
@@ -62,6 +74,7 @@ class ModelConfig(StrictModel):
     # auto: flash varlen (half precision) or FlexAttention on CUDA, "rows" SDPA on CPU (see models/packing.py).
     attention: Literal["auto", "rows", "padded", "mask", "flex", "varlen"] = "auto"
     lattice: LatticeConfig = LatticeConfig()
+    modernbert: ModernBertOptions = ModernBertOptions()
 
     @property
     def act(self) -> str:

@@ -124,3 +124,29 @@ def lattice_model_flops(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor
     last = 6 * (D * D + 2 * D * cfg.intermediate_size) * last_layer_rows(cfg, num_predictions, lens.numel())
     return (6 * body_matmul_params(cfg) * float(lens.sum()) + last + attention + bias
             + 6 * head * num_predictions)
+
+
+def window_pairs(lens: torch.Tensor, w: int) -> float:
+    """Query-key pairs inside sequences of lengths `lens` when a token sees at most w positions each side:
+    l^2 for l <= w + 1, else l (2w + 1) - w (w + 1) (the band, less its corners)."""
+    lens = torch.as_tensor(lens, dtype=torch.float64)
+    band = lens * (2 * w + 1) - w * (w + 1)
+    return float(torch.where(lens <= w + 1, lens * lens, band).sum())
+
+
+def modernbert_model_flops(cfg: ModelConfig, seq_lens: Sequence[int] | torch.Tensor,
+                           num_predictions: int) -> float:
+    """ModernBERT: per layer Wqkv 3 D^2 + Wo D^2 + GeGLU Wi 2 D F + Wo D F per token (the last layer past
+    attention on the M masked rows only, as the model runs it); attention 12 D per query-key pair, all
+    pairs of a sequence in the global layers and only the window's band in the local ones; the head's
+    dense D^2 and tied decoder D V on the M rows."""
+    from kompakt.models.modernbert import half_window, layer_is_global
+
+    lens = torch.as_tensor(seq_lens, dtype=torch.float64)
+    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    n_global = sum(layer_is_global(cfg, i) for i in range(L))
+    pairs = n_global * float((lens * lens).sum()) + (L - n_global) * window_pairs(lens, half_window(cfg))
+    body = (L - 1) * (4 * D * D + 3 * D * F) + 3 * D * D
+    last = (D * D + 3 * D * F) * num_predictions
+    head = (D * D + D * cfg.vocab_size) * num_predictions
+    return 6 * body * float(lens.sum()) + 6 * last + 12 * D * pairs + 6 * head

@@ -21,7 +21,9 @@ whole choice of kernel lives here, behind `plan_attention` (once per forward) an
 - "flex": FlexAttention with a document mask (`create_block_mask`); skips whole blocks across documents.
 - "varlen": `torch.nn.attention.varlen.varlen_attn` (flash varlen), CUDA with fp16/bf16 only.
 
-"auto" picks "varlen" on CUDA in half precision, "flex" on CUDA in fp32, and "rows" elsewhere.
+"auto" picks "varlen" on CUDA in half precision, "flex" on CUDA in fp32, and "rows" elsewhere. Every
+backend also takes a local window (`plan_attention(..., window=w)`: |i - j| <= w inside a sequence,
+ModernBERT's local layers); varlen has none here and gives way to flex.
 
 Legend: T tokens in the stream, B sequences, L longest sequence (max_seqlen), H heads, K head size.
 """
@@ -86,10 +88,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 
 def plan_attention(cu_seqlens: torch.Tensor, max_seqlen: int | None, num_tokens: int,
-                   backend: str = "auto", dtype: torch.dtype = torch.float32) -> AttentionPlan:
-    """Precompute the index tensors or masks of the chosen backend for one packed batch."""
+                   backend: str = "auto", dtype: torch.dtype = torch.float32,
+                   window: int | None = None) -> AttentionPlan:
+    """Precompute the index tensors or masks of the chosen backend for one packed batch.
+
+    With `window` (local attention, ModernBERT's) a token also sees only the tokens of its sequence at
+    most `window` positions away; the flash varlen kernel has no window here, so it becomes "flex"."""
     device = cu_seqlens.device
     backend = resolve_backend(backend, device, dtype)
+    if window is not None and backend == "varlen":
+        backend = "flex"
     num_seqs = cu_seqlens.numel() - 1
     if max_seqlen is None:
         max_seqlen = int(seq_lengths(cu_seqlens).max())
@@ -100,6 +108,9 @@ def plan_attention(cu_seqlens: torch.Tensor, max_seqlen: int | None, num_tokens:
         plan.index_T = seq_T * plan.max_seqlen + pos_T
         keys_BL = torch.arange(plan.max_seqlen, device=device)[None, :] < seq_lengths(cu_seqlens)[:, None]
         plan.mask = keys_BL[:, None, None, :]
+        if window is not None:  # padding queries keep their window, so no row is all masked (no NaN)
+            near_LL = _near(plan.max_seqlen, window, device)
+            plan.mask = (near_LL[None] & (keys_BL[:, None, :] | ~keys_BL[:, :, None]))[:, None]
     elif backend == "rows":
         rows_B, offsets_B = _fill_rows(seq_lengths(cu_seqlens).tolist(), plan.max_seqlen)
         rows_B, offsets_B = (torch.tensor(x, device=device) for x in (rows_B, offsets_B))
@@ -110,11 +121,16 @@ def plan_attention(cu_seqlens: torch.Tensor, max_seqlen: int | None, num_tokens:
         slot_seq = torch.full((plan.num_rows * plan.max_seqlen,), -1, device=device).index_copy(
             0, plan.index_T, seq_T).view(plan.num_rows, plan.max_seqlen)
         same_RLL = slot_seq[:, :, None] == slot_seq[:, None, :]
+        if window is not None:  # a sequence's slots are contiguous in its row: slot distance = position distance
+            same_RLL &= _near(plan.max_seqlen, window, device)[None]
         # Additive float mask: SDPA's CPU kernel ran about 15% faster with it than with a boolean one.
         plan.mask = torch.zeros(same_RLL.shape, dtype=dtype, device=device).masked_fill_(
             ~same_RLL, float("-inf"))[:, None]
     elif backend == "mask":
-        plan.mask = (seq_T[:, None] == seq_T[None, :])[None, None]
+        plan.mask = seq_T[:, None] == seq_T[None, :]
+        if window is not None:
+            plan.mask &= _near(num_tokens, window, device)
+        plan.mask = plan.mask[None, None]
     if plan.index_T is not None:
         grid_rows = plan.num_rows if backend == "rows" else num_seqs
         free = torch.ones(grid_rows * plan.max_seqlen, dtype=torch.bool, device=device)
@@ -126,8 +142,18 @@ def plan_attention(cu_seqlens: torch.Tensor, max_seqlen: int | None, num_tokens:
         def same_document(b, h, q_idx, kv_idx):
             return seq_T[q_idx] == seq_T[kv_idx]
 
+        if window is not None:
+            def same_document(b, h, q_idx, kv_idx):  # noqa: F811 - the windowed variant
+                return (seq_T[q_idx] == seq_T[kv_idx]) & ((q_idx - kv_idx).abs() <= window)
+
         plan.block_mask = create_block_mask(same_document, None, None, num_tokens, num_tokens, device=device)
     return plan
+
+
+def _near(n: int, window: int, device) -> torch.Tensor:
+    """(n, n) bool: |i - j| <= window."""
+    i = torch.arange(n, device=device)
+    return (i[:, None] - i[None, :]).abs() <= window
 
 
 def attend(q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, plan: AttentionPlan,

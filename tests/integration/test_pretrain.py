@@ -115,3 +115,38 @@ def test_export_of_incomplete_checkpoint_is_a_clear_error(tmp_path, capsys):
     half.mkdir(parents=True)
     assert main(["export", str(half)]) == 2
     assert "not a complete kompakt checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_modernbert_pretrains_unpadded_and_exports_to_the_stock_classes(tokenizer_stage, tmp_path):
+    """The modernbert family through the same stage: held-out loss falls, the export is a stock
+    ModernBertForMaskedLM whose predictions equal ours, and the stock task heads load it."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from kompakt.pretrain import stage
+
+    model = ModelConfig(family="modernbert", hidden_size=64, num_layers=3, num_heads=2, intermediate_size=96,
+                        max_position_embeddings=64, layer_norm_eps=1e-5,
+                        modernbert={"local_attention": 16, "global_every": 3})
+    out = tmp_path / "pretrain-modernbert"
+    stage.run(model, tiny_pretrain(max_steps=40, save_every=40, eval_every=40,
+                                   objective={"masking": "token", "mask_rate": 0.3, "max_seq_len": 64}),
+              tokenizer_stage, out, stage_hash="test", inputs={"tokenizer": "test"}, recipe_name="test")
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    start = next(r["eval_loss"] for r in rows if r["step"] == 0)
+    assert manifest["eval_loss"] < start - 0.5, (start, manifest["eval_loss"])
+
+    export = out / "export"
+    hf_model = AutoModelForMaskedLM.from_pretrained(export).eval()
+    assert type(hf_model).__name__ == "ModernBertForMaskedLM" and hf_model.config.layer_types == [
+        "full_attention", "sliding_attention", "sliding_attention"]
+    tok = AutoTokenizer.from_pretrained(export)
+    enc = tok(["Han kjørte bilen til byen i går.", "Hun leste en bok."], padding=True, return_tensors="pt")
+    assert "token_type_ids" not in enc
+    with torch.no_grad():
+        logits = hf_model(**enc).logits
+    assert torch.isfinite(logits).all()
+    clf = AutoModelForSequenceClassification.from_pretrained(export, num_labels=3)
+    assert type(clf).__name__ == "ModernBertForSequenceClassification"
+    assert clf(**enc).logits.shape == (2, 3)

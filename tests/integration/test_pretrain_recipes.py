@@ -10,7 +10,8 @@ import pytest
 from kompakt.cli import main
 from kompakt.config import load_recipe
 
-CLUSTER_RECIPES = ["norbert-base-nb", "norbert-small-nb", "albert-base-nb", "spanbert-base-nb", "lattice-base-zh"]
+CLUSTER_RECIPES = ["norbert-base-nb", "norbert-small-nb", "albert-base-nb", "spanbert-base-nb", "lattice-base-zh",
+                   "modernbert-small-nb"]
 
 
 @pytest.mark.parametrize("name", CLUSTER_RECIPES + ["demo-nb"])

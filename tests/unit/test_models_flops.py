@@ -34,3 +34,23 @@ def test_spanbert_adds_sbo_head_and_packing_lowers_attention():
     last = 8 * 8 + 2 * 8 * 16                        # SpanBERT's last layer also runs on the 2 boundary rows
     assert model_flops(span, [4], 1) - model_flops(bert, [4], 1) == 6 * (4 * 8 * 8 + 8 * 64) + 6 * last * 2
     assert model_flops(bert, [4, 4], 0) < model_flops(bert, [8], 0)
+
+
+def test_modernbert_flops_count_the_local_window_band():
+    import torch
+
+    from kompakt.model_config import ModelConfig
+    from kompakt.models.flops import model_flops, window_pairs
+
+    for lens, w in (([1, 3, 5, 6, 40], 2), ([128, 512, 7], 64)):
+        brute = sum(sum(1 for i in range(n) for j in range(n) if abs(i - j) <= w) for n in lens)
+        assert window_pairs(torch.tensor(lens), w) == brute
+    cfg = dict(family="modernbert", vocab_size=1024, hidden_size=64, num_layers=6, num_heads=2,
+               intermediate_size=96, max_position_embeddings=1024)
+    local = ModelConfig(**cfg, modernbert={"local_attention": 16, "global_every": 3})
+    wide = ModelConfig(**cfg, modernbert={"local_attention": 2048, "global_every": 3})
+    lens, m = [512, 300], 120
+    # 4 of 6 layers local: their attention term shrinks from l^2 to the band, the rest is the same.
+    d = model_flops(wide, lens, m) - model_flops(local, lens, m)
+    expected = 12 * 64 * 4 * (sum(n * n for n in lens) - window_pairs(torch.tensor(lens), 8))
+    assert abs(d - expected) < 1e-6 * d
