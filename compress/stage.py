@@ -34,7 +34,7 @@ MODEL_FILES = ("model.safetensors", "model.onnx", "model_int8.onnx", "pytorch_mo
 
 
 def check_teacher(teacher_dir: Path) -> dict:
-    """The teacher folder's config.json, refused with one line unless it is a BERT or ALBERT model."""
+    """The teacher folder's config.json, refused with one line unless it is a BERT, ALBERT or ModernBERT model."""
     cfg_path = teacher_dir / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"compress.teacher: {teacher_dir} has no config.json; point at a Hugging Face model folder")
@@ -42,9 +42,9 @@ def check_teacher(teacher_dir: Path) -> dict:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except ValueError:
         raise DataError(f"{cfg_path} is not valid JSON; re-export the teacher") from None
-    if cfg.get("model_type") not in ("bert", "albert"):
+    if cfg.get("model_type") not in ("bert", "albert", "modernbert"):
         raise ConfigError(f"compress.teacher: {teacher_dir} is a {cfg.get('model_type')!r} model; compress supports "
-                          f"bert and albert teachers")
+                          f"bert, albert and modernbert teachers")
     return cfg
 
 
@@ -196,8 +196,14 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
     t0 = time.perf_counter()
     test_hook("startup")
     # --- every check a recipe can fail, before anything is written or trained
-    check_teacher(teacher_dir)
+    teacher_type = check_teacher(teacher_dir).get("model_type")
     check_same_vocab(teacher_dir, tokenizer_stage / "tokenizer")
+    if teacher_type == "modernbert":  # what works on a ModernBERT teacher so far: distillation, torch int8
+        for s in cfg.students:
+            if s.method in ("theseus", "layer_drop", "prune") or (s.method == "quantize" and s.backend == "onnx"):
+                what = f"{s.method}" + (" with backend onnx" if s.method == "quantize" else "")
+                raise ConfigError(f"students.{s.name}: {what} does not support a ModernBERT teacher yet; distil it "
+                                  f"(method: distill) or quantize with backend: torch")
     teacher = load_pretrained(teacher_dir)
     has_head = distill.encoder_and_head(teacher)[1] is not None
     for s in cfg.students:

@@ -46,7 +46,7 @@ def infer(recipe: str, quick: bool) -> dict:
     return result
 
 
-def run(what: str, recipe: str, quick: bool = False) -> dict:
+def run(what: str, recipe: str, quick: bool = False, family: str = "bert") -> dict:
     """Run one benchmark and return its figures (printed as a table on stderr by the stage code)."""
     if what == "data":
         from kompakt.data_prep.bench import dedup_rate
@@ -71,7 +71,7 @@ def run(what: str, recipe: str, quick: bool = False) -> dict:
         if what == "model":
             from kompakt.pretrain.bench_model import model_throughput
 
-            result = model_throughput(rec, tok_stage, quick=quick)
+            result = model_throughput(rec, tok_stage, quick=quick, family=family)
         else:
             from kompakt.pretrain.bench import train_throughput
 

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--recipe", default="recipes/demo-nb.yaml", help="recipe whose corpus and sizes to use")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    p.add_argument("--family", default="bert", choices=("bert", "modernbert"),
+                   help="model: the family to compare with its stock transformers class")
 
     p = sub.add_parser("slurm", help="submit stages as Slurm jobs and follow them",
                        description="Renders slurm/templates with a cluster profile (slurm/clusters/*.env) and submits "
@@ -146,7 +148,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         # Libraries print to stdout (the HF Trainer prints its metrics dict); keep stdout for the one
         # JSON object and send everything else to stderr.
         with contextlib.redirect_stdout(sys.stderr):
-            result = bench.run(args.what, recipe=args.recipe, quick=args.quick)
+            result = bench.run(args.what, recipe=args.recipe, quick=args.quick, family=args.family)
         if args.json:
             print(json.dumps(result, sort_keys=True))
         return 0

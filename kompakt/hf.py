@@ -95,7 +95,8 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(path: str | Path, family: str | None = None, **overrides) -> nn.Module:
-    """Our model from any stock BERT/ALBERT folder (config.json + safetensors or a weights-only .bin).
+    """Our model from any stock BERT/ALBERT (or ModernBERT, via kompakt.hf_modernbert) folder (config.json
+    + safetensors or a weights-only .bin).
 
     The head follows the checkpoint: `cls.seq_relationship`/`sop_classifier` -> pretraining model,
     `cls.predictions`/`predictions` -> masked LM, neither -> the bare encoder. `overrides` go to ModelConfig
@@ -103,7 +104,12 @@ def load_pretrained(path: str | Path, family: str | None = None, **overrides) ->
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise DataError(f"{folder}/config.json not found; point at a Hugging Face model folder")
-    cfg = from_hf_config(json.loads((folder / "config.json").read_text()), family=family, **overrides)
+    hf_cfg = json.loads((folder / "config.json").read_text())
+    if hf_cfg.get("model_type") == "modernbert":  # the family's own interop module
+        from kompakt import hf_modernbert
+
+        return hf_modernbert.load_pretrained(folder, **overrides)
+    cfg = from_hf_config(hf_cfg, family=family, **overrides)
     state = _read_state_dict(folder)
     keys = set(state)
     if any(k.startswith(("cls.seq_relationship", "sop_classifier")) for k in keys):

@@ -1,4 +1,5 @@
-"""`kompakt bench model`: training throughput of our packed MLM model against stock `BertForMaskedLM`.
+"""`kompakt bench model`: training throughput of our packed MLM model against the stock class of its family
+(`BertForMaskedLM`, or `ModernBertForMaskedLM` with `--family modernbert`).
 
 One run, one device, the same weights and sizes and the same real documents (the demo corpus tokenised
 by the recipe's tokenizer). Each step is forward + backward of the MLM loss over the same number of
@@ -121,11 +122,46 @@ def _interleaved(runs: list[tuple], num_warmup: int) -> list[float]:
     return [statistics.median(x) for x in rates]
 
 
-def model_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
-    """Real tokens/s of our packed model vs stock BertForMaskedLM, padded and concatenated."""
-    from kompakt.hf import to_hf_model
+def _models(family: str, vocab: int, sizes: dict, seq_len: int):
+    """Our pretraining model and the stock one holding the same weights (strict load), sdpa attention.
+
+    modernbert: a GeGLU two thirds as wide (the parameters of BERT's feed-forward), local windows of
+    seq_len / 2, and the stock model's own `sparse_prediction` (its head on masked rows only), the
+    setting its authors train with."""
     from kompakt.model_config import ModelConfig
-    from kompakt.models.bert import BertForMaskedLM
+
+    vocab = (vocab + 63) // 64 * 64
+    if family == "modernbert":
+        from kompakt.hf_modernbert import to_hf_model
+        from kompakt.models.modernbert import ModernBertForMaskedLM
+
+        width = (sizes["intermediate_size"] * 2 // 3 + 63) // 64 * 64
+        cfg = ModelConfig(family="modernbert", vocab_size=vocab, max_position_embeddings=512, layer_norm_eps=1e-5,
+                          modernbert={"local_attention": seq_len // 2}, **{**sizes, "intermediate_size": width})
+        torch.manual_seed(0)
+        ours = ModernBertForMaskedLM(cfg)
+        hf = to_hf_model(ours)
+        hf.config.sparse_prediction = True
+        hf.sparse_prediction = True
+    elif family == "bert":
+        from kompakt.hf import to_hf_model
+        from kompakt.models.bert import BertForMaskedLM
+
+        cfg = ModelConfig(family="bert", vocab_size=vocab, max_position_embeddings=512, **sizes)
+        torch.manual_seed(0)
+        ours = BertForMaskedLM(cfg)
+        hf = to_hf_model(ours, "masked_lm")
+    else:
+        from kompakt.errors import ConfigError
+
+        raise ConfigError(f"bench model --family {family!r}: use bert or modernbert")
+    hf.set_attn_implementation("sdpa")
+    return cfg, ours, hf
+
+
+def model_throughput(recipe, tok_stage: Path, quick: bool = False, family: str = "bert") -> dict:
+    """Real tokens/s of our packed model vs the stock class (BertForMaskedLM or ModernBertForMaskedLM),
+    padded and concatenated."""
 
     if quick:
         sizes = dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512)
@@ -135,12 +171,7 @@ def model_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
         seq_len, rows, num_warmup, num_steps = 128, 32, 2, 8
     tokens_per_step = rows * seq_len
     docs, vocab, mask_id = _documents(recipe, tok_stage, 20_000 if not quick else 4_000, seq_len)
-    cfg = ModelConfig(family="bert", vocab_size=(vocab + 63) // 64 * 64, max_position_embeddings=512, **sizes)
-    torch.manual_seed(0)
-    ours = BertForMaskedLM(cfg)
-    # Same weights: the stock model is built from our state dict (strict load in to_hf_model).
-    hf = to_hf_model(ours, "masked_lm")
-    hf.set_attn_implementation("sdpa")
+    cfg, ours, hf = _models(family, vocab, sizes, seq_len)
 
     groups = _steps(docs, tokens_per_step, num_warmup + num_steps)
     g = torch.Generator().manual_seed(0)
@@ -158,12 +189,13 @@ def model_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
         "tokens_per_s": ours_tps, "tokens_per_s_padded": padded_tps, "tokens_per_s_concat": concat_tps,
         "ratio": ours_tps / padded_tps, "ratio_concat": ours_tps / concat_tps,
         "padding_fraction": 1 - padded_real / padded_slots, "tokens_per_step": tokens_per_step,
-        "seq_len": seq_len, "num_steps": num_steps, "attention": ours.bert.cfg.attention,
-        "model": {**sizes, "vocab_size": cfg.vocab_size},
+        "seq_len": seq_len, "num_steps": num_steps, "attention": cfg.attention, "family": family,
+        "model": {**sizes, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size},
     }
-    table("model: forward+backward real tokens/s (MLM)", ["feed", "tokens/s", "ours / this"], [
+    stock = type(hf).__name__
+    table(f"model ({family}): forward+backward real tokens/s (MLM)", ["feed", "tokens/s", "ours / this"], [
         ["ours: packed, cu_seqlens, head on masked rows", round(ours_tps), 1.0],
-        ["HF BertForMaskedLM sdpa: padded documents", round(padded_tps), result["ratio"]],
-        ["HF BertForMaskedLM sdpa: concatenated rows", round(concat_tps), result["ratio_concat"]],
+        [f"HF {stock} sdpa: padded documents", round(padded_tps), result["ratio"]],
+        [f"HF {stock} sdpa: concatenated rows", round(concat_tps), result["ratio_concat"]],
     ])
     return result

@@ -17,14 +17,16 @@ from kompakt.models.packing import sequence_ids
 
 def encoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """(the packed encoder, the MLM head or None) of a kompakt pretraining model or bare encoder."""
-    for name in ("bert", "albert"):
+    for name in ("bert", "albert", "model"):
         encoder = getattr(model, name, None)
-        if encoder is not None:
+        if isinstance(encoder, nn.Module):
             break
     else:
         encoder = model  # a bare BertModel/AlbertModel (a sentence encoder such as all-MiniLM-L6-v2)
     if hasattr(model, "cls"):
         head = model.cls.predictions
+    elif hasattr(model, "mlm_head"):  # ModernBERT: its head and tied decoder are two top-level modules
+        head = model.mlm_head()
     else:
         head = getattr(model, "predictions", None)
     return encoder, head

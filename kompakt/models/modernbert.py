@@ -179,6 +179,10 @@ class ModernBertForMaskedLM(nn.Module):
         nn.init.zeros_(self.decoder.bias)
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight
 
+    def mlm_head(self) -> nn.Module:
+        """The head and decoder as one module (rows -> logits), for code that treats heads alike (distillation)."""
+        return nn.Sequential(self.head, self.decoder)
+
     def forward(self, input_ids, cu_seqlens, mlm_positions, mlm_labels=None, max_seqlen=None,
                 position_ids=None, token_type_ids=None) -> dict:
         x_MD = self.model(input_ids, cu_seqlens, max_seqlen, position_ids, output_rows=mlm_positions)

@@ -274,3 +274,39 @@ def test_minilm_relations_distil_the_real_all_minilm_into_a_narrower_student(tmp
     assert m["students"]["mini"]["figures"]["eval_loss"] < 0.8 * first, (first, m["students"]["mini"]["figures"])
     model = AutoModel.from_pretrained(tmp_path / "c" / "students" / "mini")
     assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads) == (2, 192, 6)
+
+
+def test_a_modernbert_teacher_distils_into_modernbert_and_bert_students(tokenizer_stage, tmp_path):
+    """ModernBERT through compress: taps (hidden states, rotary q/k/v) and its MLM head feed the same
+    TinyBERT losses; both students are stock folders; what does not support it yet says so up front."""
+    from transformers import AutoModelForMaskedLM
+
+    from kompakt import families
+    from kompakt.models import build_pretraining_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="modernbert", vocab_size=1024, hidden_size=64, num_layers=4, num_heads=4,
+                      intermediate_size=96, max_position_embeddings=128, modernbert={"local_attention": 16})
+    teacher = families.get("modernbert").resolve("export")(build_pretraining_model(cfg).eval(), tmp_path / "teacher",
+                                                           tokenizer_dir=tokenizer_stage / "tokenizer")
+    refused = tmp_path / "refused"
+    with pytest.raises(ConfigError, match="students.drop: layer_drop does not support a ModernBERT teacher yet"):
+        run_stage({"students": [tiny_student(steps=5), {"name": "drop", "method": "layer_drop", "num_drop": 2}]},
+                  teacher, tokenizer_stage, refused, tmp_path / "cache")
+    assert not (refused / "students").exists()  # refused before anything trained
+    mb = tiny_student("mb", steps=10)
+    mb["student"]["intermediate_size"] = 48
+    bert = tiny_student("bert", steps=10, losses={"hidden": 1.0, "logits": 1.0, "mlm": 0.0})
+    bert["student"]["family"] = "bert"
+    manifest = run_stage({"students": [mb, bert, {"name": "mb-int8", "method": "quantize", "source": "mb",
+                                                  "backend": "torch"}]},
+                         teacher, tokenizer_stage, tmp_path / "out", tmp_path / "cache")
+    students = tmp_path / "out" / "students"
+    for name, cls in (("mb", "ModernBertForMaskedLM"), ("bert", "BertForMaskedLM")):
+        figures = manifest["students"][name]["figures"]
+        assert figures["steps"] == 10 and np.isfinite(figures["final_losses"]["logits"]), figures
+        assert np.isfinite(figures["mlm_after"]) and figures["mapping"] == [2, 4]
+        assert type(AutoModelForMaskedLM.from_pretrained(students / name)).__name__ == cls
+    assert json.loads((students / "mb" / "config.json").read_text())["layer_types"] == [
+        "full_attention", "sliding_attention"]
+    assert (students / "mb-int8").is_dir()

@@ -12,10 +12,12 @@ def test_model_bench_is_registered():
 
 
 @pytest.mark.slow
-def test_quick_model_bench_figures():
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_quick_model_bench_figures(family):
     from kompakt.bench import run
 
-    result = run("model", recipe="recipes/demo-nb.yaml", quick=True)
+    result = run("model", recipe="recipes/demo-nb.yaml", quick=True, family=family)
+    assert result["family"] == family
     for key in ("tokens_per_s", "tokens_per_s_padded", "tokens_per_s_concat", "ratio", "ratio_concat", "device"):
         assert key in result
     # Packed documents against padded ones: the padded baseline wastes 40%+ of its slots on padding.
