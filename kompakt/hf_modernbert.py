@@ -60,7 +60,7 @@ def from_hf_config(d: dict, **overrides) -> ModelConfig:
                   intermediate_size=d["intermediate_size"], hidden_act=d.get("hidden_activation", "gelu"),
                   max_position_embeddings=d["max_position_embeddings"], layer_norm_eps=d.get("norm_eps", 1e-5),
                   initializer_range=d.get("initializer_range", 0.02),
-                  modernbert=dict(local_attention=d.get("local_attention", 128), global_every=every,
+                  modernbert=dict(local_attention=d.get("local_attention", 128), global_attn_every_n_layers=every,
                                   global_rope_theta=rope.get("full_attention", {}).get("rope_theta", 160_000.0),
                                   local_rope_theta=rope.get("sliding_attention", {}).get("rope_theta", 10_000.0)))
     for key in ("norm_bias", "attention_bias", "mlp_bias", "classifier_bias"):

@@ -37,8 +37,8 @@ class ModernBertOptions(StrictModel):
 
     # The local layers' whole window: a token sees local_attention // 2 positions on each side.
     local_attention: int = Field(128, ge=2)
-    # Layer i attends globally when i % global_every == 0 (ModernBERT: every third, starting with the first).
-    global_every: int = Field(3, ge=1)
+    # Layer i attends globally when i % global_attn_every_n_layers == 0 (ModernBERT: every third, starting with the first).
+    global_attn_every_n_layers: int = Field(3, ge=1)
     global_rope_theta: float = Field(160_000.0, gt=0.0)
     local_rope_theta: float = Field(10_000.0, gt=0.0)
 

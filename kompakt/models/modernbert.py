@@ -5,7 +5,7 @@ The math is the stock model's: pre-LayerNorm blocks without biases (the first bl
 norm, the embeddings' norm stands in), rotary positions restarting at 0 in every packed sequence
 (theta `global_rope_theta` in global layers, `local_rope_theta` in local ones), a GeGLU feed-forward
 (`Wi` gives D -> 2F, GELU(first half) * second half, `Wo` F -> D), a final norm, and alternating
-attention: layer i is global when i % global_every == 0, otherwise it sees only the tokens at most
+attention: layer i is global when i % global_attn_every_n_layers == 0, otherwise it sees only the tokens at most
 local_attention // 2 positions away, inside its own sequence. The MLM head (dense, GELU, norm, then
 the decoder tied to the token embeddings) runs on the masked rows only. Nothing pads: the local
 window is one more mask of the packed attention plan (models/packing.py).
@@ -26,7 +26,7 @@ from kompakt.models.packing import attend_qkv, plan_attention, position_ids_from
 
 
 def layer_is_global(cfg: ModelConfig, i: int) -> bool:
-    return i % cfg.modernbert.global_every == 0
+    return i % cfg.modernbert.global_attn_every_n_layers == 0
 
 
 def half_window(cfg: ModelConfig) -> int:

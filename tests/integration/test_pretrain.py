@@ -127,7 +127,7 @@ def test_modernbert_pretrains_unpadded_and_exports_to_the_stock_classes(tokenize
 
     model = ModelConfig(family="modernbert", hidden_size=64, num_layers=3, num_heads=2, intermediate_size=96,
                         max_position_embeddings=64, layer_norm_eps=1e-5,
-                        modernbert={"local_attention": 16, "global_every": 3})
+                        modernbert={"local_attention": 16, "global_attn_every_n_layers": 3})
     out = tmp_path / "pretrain-modernbert"
     stage.run(model, tiny_pretrain(max_steps=40, save_every=40, eval_every=40,
                                    objective={"masking": "token", "mask_rate": 0.3, "max_seq_len": 64}),

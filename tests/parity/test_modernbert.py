@@ -16,7 +16,7 @@ def tiny(**kw) -> ModelConfig:
     # 5 layers, global at 0 and 3; a window of 4 on each side, shorter than three of the documents.
     fields = dict(family="modernbert", vocab_size=128, hidden_size=32, num_layers=5, num_heads=2,
                   intermediate_size=48, max_position_embeddings=64, layer_norm_eps=1e-5,
-                  modernbert={"local_attention": 8, "global_every": 3})
+                  modernbert={"local_attention": 8, "global_attn_every_n_layers": 3})
     return ModelConfig(**{**fields, **kw})
 
 
@@ -67,7 +67,7 @@ def test_the_local_window_matters_so_the_parity_test_can_fail():
 
     torch.manual_seed(0)
     ours = ModernBertModel(tiny()).eval()
-    wide = ModernBertModel(tiny(modernbert={"local_attention": 128, "global_every": 3})).eval()
+    wide = ModernBertModel(tiny(modernbert={"local_attention": 128, "global_attn_every_n_layers": 3})).eval()
     wide.load_state_dict(ours.state_dict())
     ids, cu, padded, mask = batch()
     with torch.no_grad():

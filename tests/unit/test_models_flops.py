@@ -47,8 +47,8 @@ def test_modernbert_flops_count_the_local_window_band():
         assert window_pairs(torch.tensor(lens), w) == brute
     cfg = dict(family="modernbert", vocab_size=1024, hidden_size=64, num_layers=6, num_heads=2,
                intermediate_size=96, max_position_embeddings=1024)
-    local = ModelConfig(**cfg, modernbert={"local_attention": 16, "global_every": 3})
-    wide = ModelConfig(**cfg, modernbert={"local_attention": 2048, "global_every": 3})
+    local = ModelConfig(**cfg, modernbert={"local_attention": 16, "global_attn_every_n_layers": 3})
+    wide = ModelConfig(**cfg, modernbert={"local_attention": 2048, "global_attn_every_n_layers": 3})
     lens, m = [512, 300], 120
     # 4 of 6 layers local: their attention term shrinks from l^2 to the band, the rest is the same.
     d = model_flops(wide, lens, m) - model_flops(local, lens, m)
