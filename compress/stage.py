@@ -196,17 +196,17 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
     t0 = time.perf_counter()
     test_hook("startup")
     # --- every check a recipe can fail, before anything is written or trained
-    teacher_type = check_teacher(teacher_dir).get("model_type")
+    check_teacher(teacher_dir)
     check_same_vocab(teacher_dir, tokenizer_stage / "tokenizer")
-    if teacher_type == "modernbert":  # what works on a ModernBERT teacher so far: distillation, torch int8
-        for s in cfg.students:
-            if s.method in ("theseus", "layer_drop", "prune") or (s.method == "quantize" and s.backend == "onnx"):
-                what = f"{s.method}" + (" with backend onnx" if s.method == "quantize" else "")
-                raise ConfigError(f"students.{s.name}: {what} does not support a ModernBERT teacher yet; distil it "
-                                  f"(method: distill) or quantize with backend: torch")
     teacher = load_pretrained(teacher_dir)
     has_head = distill.encoder_and_head(teacher)[1] is not None
     for s in cfg.students:
+        # What works on a ModernBERT teacher so far: distillation and torch int8.
+        if teacher.cfg.family == "modernbert" and (s.method in ("theseus", "layer_drop", "prune")
+                                                   or (s.method == "quantize" and s.backend == "onnx")):
+            what = s.method + (" with backend onnx" if s.method == "quantize" else "")
+            raise ConfigError(f"students.{s.name}: {what} does not support a ModernBERT teacher yet; distil it "
+                              f"(method: distill) or quantize with backend: torch")
         if s.method == "distill":
             distill.prepare(s, teacher.cfg, has_head)
             if s.student.hidden_size and s.student.hidden_size > teacher.cfg.hidden_size:

@@ -116,9 +116,13 @@ def augmented(stage_dir: Path, d, task, examples: list[dict], mlm_dir: Path) -> 
     return rows, figures
 
 
+def grid_result(stage_dir: Path, job: Job, k: int) -> Path:
+    """Where grid point k of the job's task and model writes its result (seed 0, the full training set)."""
+    return stage_dir / "jobs" / job.task / job.model / f"grid{k}" / "seed0" / RESULT
+
+
 def grid_done(stage_dir: Path, job: Job, points: list[dict]) -> bool:
-    return all((stage_dir / "jobs" / job.task / job.model / f"grid{k}" / "seed0" / RESULT).is_file()
-               for k in range(len(points)))
+    return all(grid_result(stage_dir, job, k).is_file() for k in range(len(points)))
 
 
 def best_grid_point(stage_dir: Path, job: Job, points: list[dict]) -> dict:
@@ -127,7 +131,7 @@ def best_grid_point(stage_dir: Path, job: Job, points: list[dict]) -> dict:
 
     losses = []
     for k in range(len(points)):
-        path = stage_dir / "jobs" / job.task / job.model / f"grid{k}" / "seed0" / RESULT
+        path = grid_result(stage_dir, job, k)
         if not path.is_file():
             raise ConfigError(f"finetune: {job.path} needs the grid results of {job.task}/{job.model} ({path}); run "
                               f"the grid jobs (they come first in the job order) before this shard")
@@ -220,10 +224,10 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
         if job.model in distills:
             spec = distills[job.model]
             teacher_ft = stage_dir / "models" / job.task / spec.teacher
-            if not (teacher_ft / "config.json").is_file() and cfg.shard:
-                info(f"finetune: {job.path} waits for the fine-tuned teacher (another shard); left for the final run")
-                continue
             if not (teacher_ft / "config.json").is_file():
+                if cfg.shard:
+                    info(f"finetune: {job.path} waits for the fine-tuned teacher (another shard); left for the final run")
+                    continue
                 from kompakt.errors import ConfigError
 
                 raise ConfigError(f"finetune: {job.path} distils from the teacher fine-tuned on {job.task}, which is not "

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +50,6 @@ _TEST_STEP_SECONDS = float(os.environ.get("KOMPAKT_TEST_STEP_SECONDS", "0") or 0
 def exit_for_requeue(stage: str, why: str) -> None:
     """End the process with `REQUEUE_EXIT` after a save. Under a Slurm job (slurm/templates/prelude.sh)
     rank 0 also leaves `$KOMPAKT_REQUEUE_MARKER`, since torchrun reports its own status, not 75."""
-    import sys
-
     info(f"{stage}: {why}; exit {REQUEUE_EXIT} so the job can be requeued (resume: auto continues)")
     marker = os.environ.get("KOMPAKT_REQUEUE_MARKER")
     if marker and dist.detect_rank() == 0:

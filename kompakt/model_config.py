@@ -53,8 +53,8 @@ class ModelConfig(StrictModel):
     hidden_size: int = Field(768, ge=8)
     num_layers: int = Field(12, ge=1)
     num_heads: int = Field(12, ge=1)
+    # The feed-forward width F; ModernBERT's GeGLU width (its Wi gives 2F).
     intermediate_size: int = Field(3072, ge=8)
-    # ModernBERT: the GeGLU width F (its Wi gives 2F). ALBERT's factorised embedding width E below.
     # ALBERT's factorised embedding width E (E < hidden_size); ignored by the other families.
     embedding_size: int = Field(128, ge=1)
     # ALBERT's cross-layer sharing, as in HF AlbertConfig: layer i runs group int(i / (num_layers / groups)),

@@ -65,10 +65,10 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in CLUSTERS.glob("*.env"))
 
 
-def load_profile(name_or_path: str) -> tuple[str, dict[str, str]]:
+def load_profile(name_or_path: str) -> tuple[str, dict[str, str], dict[str, str]]:
     """(label, KEY -> value) of `slurm/clusters/<name>.env` or of a file path. Lines are `KEY=value`
     with optional quotes; `#` starts a comment. Nothing is expanded here: the keys of PROFILE_KEYS
-    shape the job, every other key becomes `export KEY=value` in it as written (under "_raw"), and the
+    shape the job, every other key becomes `export KEY=value` in it as written (the third item), and the
     job's shell expands it there, so `$USER` or `$SLURM_JOB_ID` mean the job's."""
     path = Path(name_or_path)
     if not (path.suffix == ".env" and path.is_file()):
@@ -101,8 +101,7 @@ def load_profile(name_or_path: str) -> tuple[str, dict[str, str]]:
     for key in ("WARN_SECONDS", "MAX_REQUEUES", "STEP_EXIT_WAIT", "CPUS_PER_TASK", "CPUS_PER_RANK"):
         if key in values and not values[key].isdigit():
             raise ConfigError(f"{path}: {key}={values[key]!r} must be a whole number")
-    values["_raw"] = raw  # type: ignore[assignment]
-    return str(path), values
+    return str(path), values, raw
 
 
 @dataclass
@@ -155,19 +154,13 @@ def render(template: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
 
-def kompakt_command(profile: dict[str, str]) -> list[str]:
-    """How a job starts kompakt: in the container, or the entry point of this very installation."""
+def entry_point(profile: dict[str, str], name: str, module: str) -> list[str]:
+    """How a job starts the console script `name` (kompakt, torchrun): in the container, or the one of
+    this very installation (`python -m module` where the script is missing)."""
     if profile.get("CONTAINER"):
-        return [*shlex.split(profile.get("CONTAINER_EXEC", "apptainer exec")), profile["CONTAINER"], "kompakt"]
-    exe = Path(sys.executable).with_name("kompakt")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "kompakt.cli"]
-
-
-def torchrun_command(profile: dict[str, str]) -> list[str]:
-    if profile.get("CONTAINER"):
-        return [*shlex.split(profile.get("CONTAINER_EXEC", "apptainer exec")), profile["CONTAINER"], "torchrun"]
-    exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+        return [*shlex.split(profile.get("CONTAINER_EXEC", "apptainer exec")), profile["CONTAINER"], name]
+    exe = Path(sys.executable).with_name(name)
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", module]
 
 
 def _q(words: list[str]) -> str:
@@ -177,14 +170,14 @@ def _q(words: list[str]) -> str:
 class Planner:
     """Renders the jobs of one recipe: `plan(stage)` returns them in submission order."""
 
-    def __init__(self, recipe_path: str | Path, overrides: list[str], opts: Options, queued: dict[str, str] | None = None):
+    def __init__(self, recipe_path: str | Path, overrides: list[str], opts: Options):
         from kompakt.config import load_recipe
 
         self.recipe_path = Path(recipe_path).resolve()
         self.overrides = list(overrides)
         self.recipe = load_recipe(recipe_path, overrides)
         self.opts = opts
-        self.profile_label, self.profile = load_profile(opts.profile)
+        self.profile_label, self.profile, self.profile_raw = load_profile(opts.profile)
         self.launcher = opts.launcher or self.profile.get("LAUNCHER", "srun")
         if self.launcher not in ("srun", "torchrun"):
             raise ConfigError(f"--launcher {self.launcher!r}; use srun or torchrun")
@@ -197,7 +190,7 @@ class Planner:
         if opts.gpus_per_node and self.procs != opts.gpus_per_node:
             raise ConfigError(f"--procs-per-node {self.procs} with --gpus-per-node {opts.gpus_per_node}: training "
                               f"runs one process per GPU, so leave --procs-per-node out")
-        self.queued = queued or {}  # stage dir -> id of a job already pending or running for it
+        self.queued: dict[str, str] = {}  # stage dir -> id of a job already pending or running for it
         self.cwd = Path.cwd()
         from kompakt.pipeline import Pipeline
 
@@ -237,7 +230,7 @@ class Planner:
     # --- rendering -------------------------------------------------------------------------------
 
     def command(self, stage: str, extra: list[str] = ()) -> str:
-        return _q([*kompakt_command(self.profile), stage, str(self.recipe_path), *self.overrides]) + \
+        return _q([*entry_point(self.profile, "kompakt", "kompakt.cli"), stage, str(self.recipe_path), *self.overrides]) + \
             "".join(" " + e for e in extra)
 
     def environment(self) -> str:
@@ -246,7 +239,7 @@ class Planner:
             lines.append(f"module load {self.profile['MODULES']}")
         if self.profile.get("SETUP"):
             lines.append(self.profile["SETUP"])
-        for key, value in self.profile["_raw"].items():
+        for key, value in self.profile_raw.items():
             if key not in PROFILE_KEYS:
                 lines.append(f"export {key}={value}")
         lines.append("export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}")
@@ -256,7 +249,7 @@ class Planner:
                    nodes: int = 1, tasks_per_node: int = 1, cpus: str | None = None, gpus_per_node: int = 0) -> str:
         p, o = self.profile, self.opts
         name = f"kompakt-{self.recipe.name}-{key}"
-        out = f"%x-%A_%a.out" if array else "%x-%j.out"
+        out = "%x-%A_%a.out" if array else "%x-%j.out"
         d = [f"--job-name={name}", f"--chdir={self.cwd}", f"--output={self.log_dir / out}", "--open-mode=append",
              f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--requeue"]
         if cpus:
@@ -303,7 +296,7 @@ class Planner:
                                          cpus=cpus, gpus_per_node=gpn)
             # torchrun ignores TERM and USR1 (inherited SIG_IGN; it is told to handle only SIGINT), so
             # Slurm's signals reach the workers, which save; torchrun would kill them 30 s after forwarding.
-            torchrun = _q(torchrun_command(p)) + (
+            torchrun = _q(entry_point(p, "torchrun", "torch.distributed.run")) + (
                 " --nnodes=\"$SLURM_NNODES\""
                 f" --nproc-per-node={procs} --rdzv-backend=c10d --rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\""
                 " --rdzv-id=\"$SLURM_JOB_ID\" --max-restarts=0 --signals-to-handle=SIGINT --no-python")

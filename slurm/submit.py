@@ -100,9 +100,9 @@ def describe(jobs: list[Job]) -> str:
 
 def submit(recipe: str, overrides: list[str], opts, dry_run: bool = False) -> list[dict]:
     """Plan and submit (or, with dry_run, print) the jobs; returns the ledger rows written."""
-    probe = Planner(recipe, overrides, opts)
-    queued = {} if dry_run else queued_stages(probe.log_dir)
-    planner = probe if not queued else Planner(recipe, overrides, opts, queued=queued)
+    planner = Planner(recipe, overrides, opts)
+    if not dry_run:
+        planner.queued = queued_stages(planner.log_dir)
     jobs = planner.plan()
     if dry_run:
         print(describe(jobs) if jobs else "# nothing to submit: every stage asked for is complete")

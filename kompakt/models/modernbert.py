@@ -143,7 +143,7 @@ class ModernBertModel(nn.Module):
         backend = self.cfg.attention
         plans = {True: plan_attention(cu_seqlens, max_seqlen, T, backend, x_TD.dtype)}
         ropes = {True: rotary_cos_sin(position_ids, K, opts.global_rope_theta)}
-        if self.cfg.num_layers > 1:
+        if not all(layer.is_global for layer in self.layers):
             plans[False] = plan_attention(cu_seqlens, max_seqlen, T, backend, x_TD.dtype, window=half_window(self.cfg))
             ropes[False] = rotary_cos_sin(position_ids, K, opts.local_rope_theta)
         record(taps, x_TD)

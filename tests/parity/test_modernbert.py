@@ -40,8 +40,6 @@ def unpad(x_BLD: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("backend", ["rows", "padded", "mask", "flex"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_hidden_states_and_mlm_logits_match_the_stock_model(backend, impl):
-    from transformers import AutoModelForMaskedLM
-
     from kompakt.hf_modernbert import to_hf_model
 
     torch.manual_seed(0)

