@@ -44,7 +44,7 @@ def _documents(recipe, tok_stage: Path, max_docs: int, seq_len: int) -> tuple[li
     docs = [e.ids[:seq_len] for e in tok.encode_batch(texts[:max_docs])]
     docs = [d for d in docs if len(d) >= 4]
     mask_id = tok.token_to_id("[MASK]")
-    assert mask_id is not None, f"{tok_dir} has no [MASK] token"
+    assert mask_id is not None, f"{tok_stage} has no [MASK] token"
     return docs, tok.get_vocab_size(), mask_id
 
 
@@ -129,32 +129,28 @@ def _models(family: str, vocab: int, sizes: dict, seq_len: int):
     seq_len / 2, and the stock model's own `sparse_prediction` (its head on masked rows only), the
     setting its authors train with."""
     from kompakt.model_config import ModelConfig
+    from kompakt.models import build_pretraining_model
 
-    vocab = (vocab + 63) // 64 * 64
+    common = dict(vocab_size=(vocab + 63) // 64 * 64, max_position_embeddings=512)
     if family == "modernbert":
         from kompakt.hf_modernbert import to_hf_model
-        from kompakt.models.modernbert import ModernBertForMaskedLM
 
         width = (sizes["intermediate_size"] * 2 // 3 + 63) // 64 * 64
-        cfg = ModelConfig(family="modernbert", vocab_size=vocab, max_position_embeddings=512, layer_norm_eps=1e-5,
-                          modernbert={"local_attention": seq_len // 2}, **{**sizes, "intermediate_size": width})
-        torch.manual_seed(0)
-        ours = ModernBertForMaskedLM(cfg)
-        hf = to_hf_model(ours)
-        hf.config.sparse_prediction = True
-        hf.sparse_prediction = True
+        cfg = ModelConfig(family="modernbert", layer_norm_eps=1e-5, modernbert={"local_attention": seq_len // 2},
+                          **common, **{**sizes, "intermediate_size": width})
     elif family == "bert":
         from kompakt.hf import to_hf_model
-        from kompakt.models.bert import BertForMaskedLM
 
-        cfg = ModelConfig(family="bert", vocab_size=vocab, max_position_embeddings=512, **sizes)
-        torch.manual_seed(0)
-        ours = BertForMaskedLM(cfg)
-        hf = to_hf_model(ours, "masked_lm")
+        cfg = ModelConfig(family="bert", **common, **sizes)
     else:
         from kompakt.errors import ConfigError
 
         raise ConfigError(f"bench model --family {family!r}: use bert or modernbert")
+    torch.manual_seed(0)
+    ours = build_pretraining_model(cfg)
+    hf = to_hf_model(ours, "masked_lm")
+    if family == "modernbert":  # read at construction as self.sparse_prediction, kept in the config for saving
+        hf.config.sparse_prediction = hf.sparse_prediction = True
     hf.set_attn_implementation("sdpa")
     return cfg, ours, hf
 
