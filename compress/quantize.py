@@ -24,10 +24,7 @@ folder without it is an interrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import math
 import os
 import shutil
 import warnings
@@ -38,6 +35,7 @@ import torch
 
 from kompakt.compress import speed
 from kompakt.errors import ConfigError, DataError
+from kompakt.onnx_export import _require_onnx, export_onnx, load_encoder, load_stock, ort_int8, tmp_name
 from kompakt.runs import write_json_atomic
 
 BACKENDS = ("torch", "onnx")
@@ -50,8 +48,6 @@ TORCH_ENGINE = "x86"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt")
 CONFIG_FILES = ("config.json", "generation_config.json")
-EXPORT_ATTENTION = "kompakt_onnx_export"
-ONNX_OPSET = 17  # the TorchScript exporter's best-tested opset; LayerNormalization is a standard op from 17
 # Fraction of real (non-special) positions replaced by [MASK] for the masked-prediction agreement.
 MASK_RATE = 0.15
 
@@ -76,46 +72,6 @@ def _head_kind(model_dir: Path) -> str | None:
     return None
 
 
-def _from_pretrained(cls, model_dir: Path, **kw):
-    """`cls.from_pretrained` in eval mode, quietly; a folder whose weights do not fit the class is a DataError.
-
-    Loading the encoder of an MLM folder always reports the head's keys as unexpected and the pooler as
-    missing (the encoder output used here does not go through the pooler); any other missing weight
-    means the folder is not what its config.json says.
-    """
-    import transformers
-
-    # transformers 5 prints a progress bar and a load report per load; a quantize or bench run loads a dozen.
-    bar = transformers.utils.logging.is_progress_bar_enabled()
-    verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, loading = cls.from_pretrained(str(model_dir), output_loading_info=True, **kw)
-    except (OSError, ValueError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{model_dir}: stock transformers cannot load this folder ({first})") from None
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
-        if bar:
-            transformers.utils.logging.enable_progress_bar()
-    missing = [k for k in loading.get("missing_keys", []) if not k.split(".")[0] == "pooler"
-               and ".pooler." not in k]
-    if missing:
-        raise DataError(f"{model_dir}: model.safetensors lacks {len(missing)} weights of {cls.__name__} "
-                        f"(e.g. {missing[0]}); re-export the folder")
-    return model.eval()
-
-
-def load_encoder(model_dir: str | Path, attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """The folder's encoder as stock `AutoModel` in fp32 eval mode (sdpa attention)."""
-    from transformers import AutoModel
-
-    return _from_pretrained(AutoModel, Path(model_dir), attn_implementation=attn_implementation)
-
-
 def load_fp32(model_dir: str | Path) -> torch.nn.Module:
     """The folder's model with its head when it has one (AutoModelForMaskedLM / ...SequenceClassification),
     else the encoder; fp32, eval mode, sdpa attention."""
@@ -124,7 +80,7 @@ def load_fp32(model_dir: str | Path) -> torch.nn.Module:
     model_dir = Path(model_dir)
     heads = {"mlm": AutoModelForMaskedLM, "cls": AutoModelForSequenceClassification}
     cls = heads.get(_head_kind(model_dir), AutoModel)
-    return _from_pretrained(cls, model_dir, attn_implementation="sdpa")
+    return load_stock(cls, model_dir, attn_implementation="sdpa")
 
 
 def _torch_quantize_dynamic():
@@ -172,12 +128,8 @@ def load_torch_int8(folder: str | Path) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------- file output
 
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = _tmp_name(dst)
+    tmp = tmp_name(dst)
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
@@ -191,181 +143,6 @@ def _copy_folder_files(model_dir: Path, out_dir: Path, *, weights: bool) -> list
     for n in names:
         _copy_atomic(model_dir / n, out_dir / n)
     return names
-
-
-# ---------------------------------------------------------------------------------------------- ONNX
-
-@contextlib.contextmanager
-def _quiet_logging():
-    """Root logger at ERROR for a block: onnxruntime's fusion and quantization modules log through the root
-    logger ("Please consider to run pre-processing", one line per unmatched pattern) at WARNING."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def _require_onnx():
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxruntime.quantization  # noqa: F401
-    except ImportError as err:
-        pkg = (getattr(err, "name", None) or "onnxruntime").split(".")[0]
-        raise ConfigError(f"quantize backend 'onnx' needs {pkg}: pip install onnxruntime onnx onnxscript"
-                          ) from None
-
-
-def _export_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Eager attention written as BERT's original graph (MatMul, Div by sqrt(d), Add mask, Softmax, MatMul).
-
-    transformers 5's eager attention multiplies by the scale instead of dividing; with a Mul beside the
-    mask's Mul, onnxruntime's BERT attention fusion picks the wrong parent and fuses nothing. Same maths.
-    """
-    scores = torch.matmul(query, key.transpose(2, 3)) / math.sqrt(query.size(-1))
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
-
-
-class _EncoderForExport(torch.nn.Module):
-    """(input_ids, attention_mask[, token_type_ids]) -> last_hidden_state of a stock encoder.
-
-    The additive mask is built here as (1 - mask) * float32 min on (B, 1, 1, L), the pattern ORT's
-    fusion recognises; transformers passes a ready 4-D mask through unchanged. Stock transformers
-    builds its mask with data-dependent Python branches that the tracer freezes to the example's
-    shape, which made the traced graph wrong for other lengths (max difference 5.2 on MiniLM).
-    """
-
-    def __init__(self, model: torch.nn.Module, input_names: Sequence[str]):
-        super().__init__()
-        self.model = model
-        self.input_names = list(input_names)
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        ext = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
-        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        return self.model(input_ids=input_ids, attention_mask=ext, **kw).last_hidden_state
-
-
-def _ort_fuse(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
-    """onnxruntime.transformers' BERT fusions (Attention, EmbedLayerNormalization, SkipLayerNormalization,
-    BiasGelu) from src into dst; the fused-operator counts."""
-    from onnxruntime.transformers import optimizer
-
-    with _quiet_logging():
-        opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                                       opt_level=0)
-    opt.save_model_to_file(str(dst))
-    return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
-
-
-def export_onnx(model_dir: str | Path, onnx_path: str | Path, *, optimize: bool = True) -> dict:
-    """The folder's stock `AutoModel` encoder as an fp32 ONNX graph at `onnx_path` (written via a temp name).
-
-    Inputs input_ids, attention_mask (and token_type_ids where the model takes them), int64 (B, L) with
-    dynamic axes "batch" and "sequence"; output last_hidden_state float32 (B, L, H). The TorchScript
-    exporter goes first: it takes 1-2 s for MiniLM where torch.export takes 10-15 s, and its graph is
-    the one ORT's BERT fusions match. torch.export (dynamo) is the fallback. With `optimize` the
-    BERT fusions are applied; where they fail the file stays unfused and sessions still optimise it at
-    load (ORT_ENABLE_ALL). Returns what was done: exporter, fused operator counts, opset.
-
-    On the 2-core AVX2 EPYC the fused graph measured no faster than the unfused one, whose session-level
-    passes fuse much the same (batch 1 x 128, 1 thread: 4x312 fp32 22.9 vs 20.5 ms, int8 16.3 vs 15.4 ms;
-    12x768 fp32 298 vs 280 ms; differences within this machine's noise). The fusion is kept so that the
-    file is fused whatever session settings a deployment uses, and int8 gets the fused QAttention.
-    """
-    _require_onnx()
-    import inspect
-
-    from transformers import AttentionInterface
-
-    model_dir, onnx_path = Path(model_dir), Path(onnx_path)
-    AttentionInterface.register(EXPORT_ATTENTION, _export_attention)
-    model = load_encoder(model_dir, attn_implementation=EXPORT_ATTENTION)
-    params = inspect.signature(model.forward).parameters
-    names = [n for n in speed.INPUT_NAMES if n in params]
-    wrapper = _EncoderForExport(model, names).eval()
-    # Two rows of different lengths with padding, so no axis is specialised to 1 or to one length.
-    example = speed.random_batch(model.config.vocab_size, batch_size=2, seq_len=16, seed=0)
-    example["attention_mask"][1, 9:] = 0
-    args = tuple(example[n] for n in names)
-    tmp = _tmp_name(onnx_path)
-    info = {"opset": ONNX_OPSET, "inputs": names, "outputs": ["last_hidden_state"],
-            "optimizer": "session ORT_ENABLE_ALL at load"}
-    try:
-        _export_graph(wrapper, args, names, tmp, info)
-        if optimize:
-            _fuse_in_place(tmp, model.config, info)
-        os.replace(tmp, onnx_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return info
-
-
-def _export_graph(wrapper, args, names, tmp: Path, info: dict) -> None:
-    axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
-        try:
-            torch.onnx.export(wrapper, args, str(tmp), input_names=names, output_names=["last_hidden_state"],
-                              dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
-            info["exporter"] = "torchscript"
-        except Exception as err:  # noqa: BLE001 - any failure of the old exporter means: try the new one
-            info["exporter"] = "dynamo"
-            info["torchscript_error"] = str(err).splitlines()[0][:200]
-            dims = {n: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for n in names}
-            torch.onnx.export(wrapper, args, str(tmp), input_names=names, output_names=["last_hidden_state"],
-                              dynamic_shapes=dims, dynamo=True, external_data=False, verbose=False)
-
-
-def _fuse_in_place(tmp: Path, config, info: dict) -> None:
-    fused_tmp = tmp.with_name(tmp.name + ".fused")
-    try:
-        info["fused"] = _ort_fuse(tmp, fused_tmp, config.num_attention_heads, config.hidden_size)
-        os.replace(fused_tmp, tmp)
-        info["optimizer"] = "onnxruntime.transformers.optimizer (bert) + session ORT_ENABLE_ALL at load"
-    except Exception as err:  # noqa: BLE001 - the fusions are an optimisation; the unfused graph is correct
-        fused_tmp.unlink(missing_ok=True)
-        info["optimizer_error"] = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-
-
-def ort_int8(fp32_path: str | Path, int8_path: str | Path, *, per_channel: bool = True) -> dict:
-    """ONNX Runtime dynamic int8 of `fp32_path` into `int8_path`: int8 weights for the quantizer's default
-    operators (MatMul with a constant weight, the fused Attention's QKV projection, EmbedLayerNormalization
-    and Gather tables), uint8 activations quantized per call.
-
-    Per-channel weights: on all-MiniLM-L6-v2 over 256 demo documents per-tensor weights gave mean-pooled
-    cosine 0.935 (min 0.871) to fp32, per-channel 0.990 (min 0.983), at the same speed. 7-bit weights
-    (reduce_range, against vpmaddubsw saturation on CPUs without VNNI) measured no better (0.990, min 0.982).
-    """
-    _require_onnx()
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    int8_path = Path(int8_path)
-    tmp = _tmp_name(int8_path)
-    options = {
-        # Shape inference cannot type the outputs of com.microsoft ops (Attention, SkipLayerNormalization)
-        # that the BERT fusions introduce; they are float32 throughout.
-        "DefaultTensorType": onnx.TensorProto.FLOAT,
-        "MatMulConstBOnly": True,  # activation x activation matmuls (unfused attention) stay fp32
-    }
-    try:
-        with warnings.catch_warnings(), _quiet_logging():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             extra_options=options)
-        os.replace(tmp, int8_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return {"weight_type": "QInt8", "per_channel": per_channel, "activations": "uint8, dynamic per call"}
 
 
 # ------------------------------------------------------------------------------------------- agreement

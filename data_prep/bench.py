@@ -16,7 +16,7 @@ from datasketch import MinHash
 from kompakt.config import load_recipe
 from kompakt.data_prep.dedup import SCHEME, NearDedup, shingles, signatures, text_digest
 from kompakt.data_prep.normalize import normalize_text
-from kompakt.data_prep.readers import DecodeCounter, read_documents
+from kompakt.readers import DecodeCounter, read_documents
 from kompakt.log import table
 
 # Documents measured: the whole demo corpus (about 19k) or a quick smoke-test slice.

@@ -33,7 +33,7 @@ from kompakt.config import DataConfig
 from kompakt.data_prep import langid
 from kompakt.data_prep.dedup import NearDedup, signatures, text_digest
 from kompakt.data_prep.normalize import alpha_ratio, normalize_text, repeated_line_ratio, words
-from kompakt.data_prep.readers import DecodeCounter, read_documents
+from kompakt.readers import DecodeCounter, read_documents
 from kompakt.data_prep.sentences import split_sentences
 from kompakt.errors import DataError
 from kompakt.log import info, table

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kompakt.config import DataConfig
-from kompakt.data_prep.readers import DecodeCounter, read_documents
+from kompakt.readers import DecodeCounter, read_documents
 from kompakt.errors import DataError
 
 DOCS = [

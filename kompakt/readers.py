@@ -29,10 +29,12 @@ SUFFIXES = ".txt, .txt.gz, .jsonl, .jsonl.gz, .parquet or a datasets folder (Dat
 
 
 class DecodeCounter:
-    """Lines skipped because they are not valid UTF-8 (with `on_decode_error: skip`)."""
+    """Lines skipped because they are not valid UTF-8 (with `on_decode_error: skip`); with `keep`, also
+    which ones (`<path>:<line>`, reason), for callers that report every row they could not use."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
         self.num_skipped_lines = 0
+        self.skipped: list[tuple[str, str]] | None = [] if keep else None
 
 
 def file_format(path: Path) -> str:
@@ -83,6 +85,9 @@ def _lines(path: Path, cfg: DataConfig, counter: DecodeCounter) -> Iterator[tupl
                 except UnicodeDecodeError as err:
                     if cfg.on_decode_error == "skip":
                         counter.num_skipped_lines += 1
+                        if counter.skipped is not None:
+                            counter.skipped.append((f"{path}:{lineno}", f"invalid UTF-8 ({err.reason} at byte "
+                                                                        f"{err.start} of the line)"))
                         continue
                     raise DataError(
                         f"{path}:{lineno}: invalid UTF-8 ({err.reason} at byte {err.start} of the line); "
@@ -134,7 +139,7 @@ def _read_jsonl(path: Path, cfg: DataConfig, counter: DecodeCounter) -> Iterator
         if cfg.text_field not in record:
             raise DataError(
                 f"{path}:{lineno}: no field {cfg.text_field!r} (fields seen: {', '.join(sorted(record))}); "
-                "set data.text_field to the field holding the text"
+                f"set {_key('text_field')} to the field holding the text"
             )
         text = record[cfg.text_field]
         if text is None:
@@ -142,24 +147,29 @@ def _read_jsonl(path: Path, cfg: DataConfig, counter: DecodeCounter) -> Iterator
         if not isinstance(text, str):
             raise DataError(
                 f"{path}:{lineno}: field {cfg.text_field!r} is a {type(text).__name__}, not a string; "
-                "set data.text_field to the field holding the text"
+                f"set {_key('text_field')} to the field holding the text"
             )
         if cfg.id_field is not None:
             if cfg.id_field not in record:
                 raise DataError(
                     f"{path}:{lineno}: no field {cfg.id_field!r} (fields seen: "
-                    f"{', '.join(sorted(record))}); set data.id_field or drop it"
+                    f"{', '.join(sorted(record))}); set {_key('id_field')} or drop it"
                 )
             yield str(record[cfg.id_field]), text
         else:
             yield f"{path}:{lineno}", text
 
 
+def _key(name: str) -> str:
+    """How a user sets a reader option: the recipe key, and the flag of the commands that read without one."""
+    return f"data.{name} (--{name.replace('_', '-')} for kompakt infer and explain)"
+
+
 def _check_columns(path: Path, columns: list[str], cfg: DataConfig) -> list[str]:
     wanted = [cfg.text_field] + ([cfg.id_field] if cfg.id_field else [])
     for col in wanted:
         if col not in columns:
-            key = "data.text_field" if col == cfg.text_field else "data.id_field"
+            key = _key("text_field" if col == cfg.text_field else "id_field")
             raise DataError(
                 f"{path}: no column {col!r} (columns: {', '.join(columns)}); set {key} to one of them"
             )
@@ -176,7 +186,7 @@ def _rows(path: Path, batches, cfg: DataConfig) -> Iterator[tuple[str, str]]:
                 if not isinstance(text, str):
                     raise DataError(
                         f"{path}: column {cfg.text_field!r} holds {type(text).__name__}, not strings; "
-                        "set data.text_field to a string column"
+                        f"set {_key('text_field')} to a string column"
                     )
                 yield (str(ids[i]) if ids is not None else f"{path}:{row}"), text
             row += 1
