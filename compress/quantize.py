@@ -35,7 +35,8 @@ import torch
 
 from kompakt.compress import speed
 from kompakt.errors import ConfigError, DataError
-from kompakt.onnx_export import _require_onnx, export_onnx, load_encoder, load_stock, ort_int8, tmp_name
+from kompakt.onnx_export import (  # noqa: F401 - load_encoder re-exported for compress.speed and the tests
+    export_onnx, load_encoder, load_stock, ort_int8, require_onnx, tmp_name)
 from kompakt.runs import write_json_atomic
 
 BACKENDS = ("torch", "onnx")
@@ -290,7 +291,7 @@ def quantize(model_dir: Path, out_dir: Path, *, backend: str, batches: list[dict
     if backend not in BACKENDS:
         raise ConfigError(f"unknown quantize backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "onnx":
-        _require_onnx()
+        require_onnx("quantize backend 'onnx'")
     else:
         _torch_quantize_dynamic()
     model_dir, out_dir = Path(model_dir), Path(out_dir)

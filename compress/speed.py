@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 from kompakt.errors import ConfigError, DataError
+from kompakt.onnx_export import INPUT_NAMES
 from kompakt.speed import cpu_name  # noqa: F401  (re-exported: quantize and the benchmark use it)
 
 RUNTIMES = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8")
 # The file names quantize(backend="onnx") writes; make_runner reuses them when a folder holds them.
 ONNX_FP32 = "model.onnx"
 ONNX_INT8 = "model_int8.onnx"
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def cpu_flags() -> set[str]:

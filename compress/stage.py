@@ -221,7 +221,7 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
         if s.method == "quantize":  # a backend that is not installed: one line now, not after training
             from kompakt.compress import quantize
 
-            quantize._require_onnx() if s.backend == "onnx" else quantize._torch_quantize_dynamic()
+            quantize.require_onnx("quantize backend 'onnx'") if s.backend == "onnx" else quantize._torch_quantize_dynamic()
 
     env = dist.setup_env()
     init_distributed(env)

@@ -15,7 +15,6 @@ Every file is written under a temporary name and renamed, so a kill leaves no ha
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -95,14 +94,15 @@ def _quiet_logging():
         root.setLevel(level)
 
 
-def _require_onnx():
+def require_onnx(what: str = "ONNX export") -> None:
+    """ConfigError naming the package to install when onnx or onnxruntime is missing."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
         import onnxruntime.quantization  # noqa: F401
     except ImportError as err:
         pkg = (getattr(err, "name", None) or "onnxruntime").split(".")[0]
-        raise ConfigError(f"ONNX export needs {pkg}: pip install onnxruntime onnx onnxscript") from None
+        raise ConfigError(f"{what} needs {pkg}: pip install onnxruntime onnx onnxscript") from None
 
 
 def _export_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -179,7 +179,7 @@ def export_onnx(model_dir: str | Path, onnx_path: str | Path, *, optimize: bool 
     12x768 fp32 298 vs 280 ms; differences within this machine's noise). The fusion is kept so that the
     file is fused whatever session settings a deployment uses, and int8 gets the fused QAttention.
     """
-    _require_onnx()
+    require_onnx()
     import inspect
 
     from transformers import AttentionInterface
@@ -251,7 +251,7 @@ def ort_int8(fp32_path: str | Path, int8_path: str | Path, *, per_channel: bool 
     cosine 0.935 (min 0.871) to fp32, per-channel 0.990 (min 0.983), at the same speed. 7-bit weights
     (reduce_range, against vpmaddubsw saturation on CPUs without VNNI) measured no better (0.990, min 0.982).
     """
-    _require_onnx()
+    require_onnx()
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -303,7 +303,7 @@ def export_task_onnx(model_dir: str | Path, head: str | None = None, *, int8: bo
     argmax agreement with torch (int8 changes logits; the agreement says by how much it changes decisions).
     Returns the onnx.json record: files, head, output, max_abs_diff_fp32, int8 figures, export details.
     """
-    _require_onnx()
+    require_onnx()
     import onnxruntime as ort
 
     model_dir = Path(model_dir)
