@@ -132,6 +132,8 @@ class Job:
     after: list[str]         # keys of jobs in the plan, or "id:<job id>" of jobs already queued
     array: int | None = None
     stage_dir: str = ""
+    dependency: str = "afterok"  # afterany for a job that finishes whatever its predecessors left
+
 
     def final_script(self, ids: dict[str, str] | None = None) -> str:
         """The script with its `--dependency` directive: job ids once known, `<key>` in a dry run."""
@@ -139,7 +141,7 @@ class Job:
             return self.script
         ids = ids or {}
         refs = [a[3:] if a.startswith("id:") else ids.get(a, f"<{a}>") for a in self.after]
-        dep = f"#SBATCH --dependency=afterok:{':'.join(refs)}\n#SBATCH --kill-on-invalid-dep=yes\n"
+        dep = f"#SBATCH --dependency={self.dependency}:{':'.join(refs)}\n#SBATCH --kill-on-invalid-dep=yes\n"
         head, sep, rest = self.script.partition("#SBATCH --requeue\n")
         assert sep, "every template's directives include --requeue"
         return head + sep + dep + rest
@@ -167,71 +169,29 @@ def _q(words: list[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-class Planner:
-    """Renders the jobs of one recipe: `plan(stage)` returns them in submission order."""
+class Renderer:
+    """The profile, options and log folder shared by every job plan; renders directives and steps."""
 
-    def __init__(self, recipe_path: str | Path, overrides: list[str], opts: Options):
-        from kompakt.config import load_recipe
-
-        self.recipe_path = Path(recipe_path).resolve()
-        self.overrides = list(overrides)
-        self.recipe = load_recipe(recipe_path, overrides)
+    def __init__(self, opts: Options, name: str, log_dir: Path):
         self.opts = opts
+        self.name = name
+        self.log_dir = log_dir
         self.profile_label, self.profile, self.profile_raw = load_profile(opts.profile)
         self.launcher = opts.launcher or self.profile.get("LAUNCHER", "srun")
         if self.launcher not in ("srun", "torchrun"):
             raise ConfigError(f"--launcher {self.launcher!r}; use srun or torchrun")
-        for name, value, low in (("--nodes", opts.nodes, 1), ("--gpus-per-node", opts.gpus_per_node, 0),
+        for flag, value, low in (("--nodes", opts.nodes, 1), ("--gpus-per-node", opts.gpus_per_node, 0),
                                  ("--finetune-tasks", opts.finetune_tasks, 1),
                                  ("--procs-per-node", opts.procs_per_node or 1, 1)):
             if value < low:
-                raise ConfigError(f"{name} must be at least {low}, got {value}")
+                raise ConfigError(f"{flag} must be at least {low}, got {value}")
         self.procs = opts.procs_per_node or max(opts.gpus_per_node, 1)
         if opts.gpus_per_node and self.procs != opts.gpus_per_node:
             raise ConfigError(f"--procs-per-node {self.procs} with --gpus-per-node {opts.gpus_per_node}: training "
                               f"runs one process per GPU, so leave --procs-per-node out")
-        self.queued: dict[str, str] = {}  # stage dir -> id of a job already pending or running for it
         self.cwd = Path.cwd()
-        from kompakt.pipeline import Pipeline
-
-        self.pipeline = Pipeline(self.recipe)
-        self.log_dir = self.pipeline.run_dir.resolve() / "slurm"
-
-    # --- which stages ---------------------------------------------------------------------------
-
-    def stages(self) -> list[str]:
-        """The stages to submit, in pipeline order: the asked one (or all) plus incomplete upstream."""
-        from kompakt.pipeline import STAGES
-        from kompakt.runs import is_complete
-
-        enabled = [n for n, s in STAGES.items() if s.enabled(self.recipe)]
-        if self.opts.stage != "all" and self.opts.stage not in STAGES:
-            raise ConfigError(f"--stage {self.opts.stage!r}; use all or one of {', '.join(STAGES)}")
-        if self.opts.stage != "all" and self.opts.stage not in enabled:
-            self.pipeline.stage(self.opts.stage)  # the one clear line about the missing section
-        wanted: set[str] = set()
-
-        def want(name: str) -> None:
-            if name in wanted:
-                return
-            if is_complete(self.stage_dir(name)):
-                return
-            wanted.add(name)
-            for up in STAGES[name].upstream_for(self.recipe)[0]:
-                want(up)
-
-        for name in (enabled if self.opts.stage == "all" else [self.opts.stage]):
-            want(name)
-        return [n for n in STAGES if n in wanted]
-
-    def stage_dir(self, name: str) -> Path:
-        return self.pipeline.resolve(name)[0]
 
     # --- rendering -------------------------------------------------------------------------------
-
-    def command(self, stage: str, extra: list[str] = ()) -> str:
-        return _q([*entry_point(self.profile, "kompakt", "kompakt.cli"), stage, str(self.recipe_path), *self.overrides]) + \
-            "".join(" " + e for e in extra)
 
     def environment(self) -> str:
         lines = []
@@ -248,7 +208,7 @@ class Planner:
     def directives(self, key: str, *, gpus: bool, array: int | None = None, saving: bool,
                    nodes: int = 1, tasks_per_node: int = 1, cpus: str | None = None, gpus_per_node: int = 0) -> str:
         p, o = self.profile, self.opts
-        name = f"kompakt-{self.recipe.name}-{key}"
+        name = f"kompakt-{self.name}-{key}"
         out = "%x-%A_%a.out" if array else "%x-%j.out"
         d = [f"--job-name={name}", f"--chdir={self.cwd}", f"--output={self.log_dir / out}", "--open-mode=append",
              f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--requeue"]
@@ -280,6 +240,54 @@ class Planner:
 
     def srun(self, *args: str) -> str:
         return _q(["srun", *args, *shlex.split(self.profile.get("SRUN_ARGS", ""))])
+
+class Planner(Renderer):
+    """Renders the jobs of one recipe: `plan(stage)` returns them in submission order."""
+
+    def __init__(self, recipe_path: str | Path, overrides: list[str], opts: Options):
+        from kompakt.config import load_recipe
+        from kompakt.pipeline import Pipeline
+
+        self.recipe_path = Path(recipe_path).resolve()
+        self.overrides = list(overrides)
+        self.recipe = load_recipe(recipe_path, overrides)
+        self.pipeline = Pipeline(self.recipe)
+        super().__init__(opts, self.recipe.name, self.pipeline.run_dir.resolve() / "slurm")
+        self.queued: dict[str, str] = {}  # stage dir -> id of a job already pending or running for it
+
+    # --- which stages ---------------------------------------------------------------------------
+
+    def stages(self) -> list[str]:
+        """The stages to submit, in pipeline order: the asked one (or all) plus incomplete upstream."""
+        from kompakt.pipeline import STAGES
+        from kompakt.runs import is_complete
+
+        enabled = [n for n, s in STAGES.items() if s.enabled(self.recipe)]
+        if self.opts.stage != "all" and self.opts.stage not in STAGES:
+            raise ConfigError(f"--stage {self.opts.stage!r}; use all or one of {', '.join(STAGES)}")
+        if self.opts.stage != "all" and self.opts.stage not in enabled:
+            self.pipeline.stage(self.opts.stage)  # the one clear line about the missing section
+        wanted: set[str] = set()
+
+        def want(name: str) -> None:
+            if name in wanted:
+                return
+            if is_complete(self.stage_dir(name)):
+                return
+            wanted.add(name)
+            for up in STAGES[name].upstream_for(self.recipe)[0]:
+                want(up)
+
+        for name in (enabled if self.opts.stage == "all" else [self.opts.stage]):
+            want(name)
+        return [n for n in STAGES if n in wanted]
+
+    def stage_dir(self, name: str) -> Path:
+        return self.pipeline.resolve(name)[0]
+
+    def command(self, stage: str, extra: list[str] = ()) -> str:
+        return _q([*entry_point(self.profile, "kompakt", "kompakt.cli"), stage, str(self.recipe_path), *self.overrides]) + \
+            "".join(" " + e for e in extra)
 
     def train_job(self, stage: str) -> Job:
         o, p = self.opts, self.profile
@@ -368,3 +376,49 @@ class Planner:
                 jobs.append(job)
             last[stage] = jobs[-1].key
         return jobs
+
+
+# Options of `kompakt infer` passed on to every job of `--slurm N` (the scale-out flags are the plan's own).
+INFER_OPTIONS = ("task", "runtime", "device", "max_length", "threads", "text_field", "id_field", "txt_document",
+                 "pooling", "normalize", "float16", "truncate", "batch_tokens", "rows_per_chunk")
+
+
+class InferPlanner(Renderer):
+    """`kompakt infer --slurm N`: an array of N tasks, task i doing input files i, i+N, ... (`--shard i/N`),
+    then one task that does whatever the array left (a task killed at its time limit, say) and completes the
+    manifest. That last job runs after the array whatever its outcome (afterany): its own run is the check."""
+
+    def __init__(self, args, inputs: list[Path], out_dir: Path, opts: Options):
+        super().__init__(opts, "infer", Path(out_dir).resolve() / "slurm")
+        self.n = int(args.slurm)
+        if self.n < 1:
+            raise ConfigError(f"--slurm {self.n}: give the number of array tasks, at least 1")
+        words = [str(Path(args.model).resolve()), *[str(p.resolve()) for p in inputs], "--out", str(Path(out_dir).resolve())]
+        for key in INFER_OPTIONS:
+            value = getattr(args, key, None)
+            if value is True:
+                words.append("--" + key.replace("_", "-"))
+            elif value not in (None, False):
+                words += ["--" + key.replace("_", "-"), str(value)]
+        self.words = words
+
+    def command(self, extra: list[str] = ()) -> str:
+        return _q([*entry_point(self.profile, "kompakt", "kompakt.cli"), "infer", *self.words]) + \
+            "".join(" " + e for e in extra)
+
+    def plan(self) -> list[Job]:
+        gpus = 1 if self.opts.gpus_per_node else 0
+        cpus = self.profile.get("CPUS_PER_TASK") or None
+        values = lambda d, step, **more: self._values("infer", d, step, **more)  # noqa: E731
+        rank = shlex.quote(str(RANK_SH))
+        d = self.directives("shards", gpus=gpus > 0, array=self.n, saving=False, cpus=cpus, gpus_per_node=gpus)
+        shard = '--shard "$part/%d"' % self.n  # unquoted by _q: the shell fills in $part
+        step = f"{self.srun('--ntasks=1')} bash {rank} {self.command([shard])}"
+        shards = Job("infer-shards", "infer", "array",
+                     render("array.sbatch", values(d, step, ARRAY_SIZE=str(self.n), SHARD_KEY="--shard")), [],
+                     array=self.n, stage_dir=self.words[self.words.index("--out") + 1])
+        d = self.directives("finish", gpus=gpus > 0, saving=False, cpus=cpus, gpus_per_node=gpus)
+        step = f"{self.srun('--ntasks=1')} bash {rank} {self.command()}"
+        last = Job("infer-finish", "infer", "task", render("task.sbatch", values(d, step)), [shards.key],
+                   stage_dir=shards.stage_dir, dependency="afterany")
+        return [shards, last]

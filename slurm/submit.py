@@ -18,7 +18,7 @@ from pathlib import Path
 from kompakt.errors import ConfigError, KompaktError
 from kompakt.runs import is_complete
 
-from .jobs import Job, Planner
+from .jobs import InferPlanner, Job, Options, Planner
 
 LEDGER = "jobs.jsonl"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD",
@@ -110,8 +110,13 @@ def submit(recipe: str, overrides: list[str], opts, dry_run: bool = False) -> li
     if not jobs:
         print("nothing to submit: every stage asked for is complete or already queued")
         return []
+    return sbatch_jobs(jobs, planner.log_dir)
+
+
+def sbatch_jobs(jobs: list[Job], log_dir: Path) -> list[dict]:
+    """sbatch each job in order, its dependencies filled with the ids of those before it; one ledger line
+    per job in `log_dir/jobs.jsonl`, the script as submitted beside it."""
     sbatch = _slurm_tool("sbatch")
-    log_dir = planner.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     completing = {}
     for job in jobs:
@@ -199,3 +204,14 @@ def print_status(report: dict) -> None:
     for j in report["jobs"]:
         after = f" after {','.join(j['after'])}" if j["after"] else ""
         print(f"  {j['job_id']:<8} {j['key']:<16} {j['summary']}{after}")
+
+
+def submit_infer(args, inputs: list[Path], out_dir: Path) -> list[dict]:
+    """`kompakt infer --slurm N`: render the array and its finishing job (slurm/jobs.py InferPlanner) and
+    sbatch them, or print them with --dry-run."""
+    opts = Options(stage="infer", profile=args.profile, gpus_per_node=1 if str(args.device).startswith("cuda") else 0)
+    jobs = InferPlanner(args, inputs, out_dir, opts).plan()
+    if args.dry_run:
+        print(describe(jobs))
+        return []
+    return sbatch_jobs(jobs, Path(out_dir).resolve() / "slurm")
