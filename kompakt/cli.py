@@ -6,9 +6,12 @@
     kompakt export CHECKPOINT_DIR [--out DIR]      a training checkpoint as a Hugging Face folder
     kompakt run RECIPE [...]                       every stage the recipe has, in order
     kompakt validate RECIPE [...]                  check a recipe and print it resolved
-    kompakt bench data|model|train|infer [--json]  benchmarks, with ratios against a baseline
+    kompakt bench data|model|train|infer|batch|serve [--json]  benchmarks, with ratios against a baseline
     kompakt slurm submit RECIPE --stage STAGE ...  render the stage's sbatch jobs and submit them
     kompakt slurm status RUN                       a run's jobs and which of its stages are complete
+    kompakt infer MODEL INPUTS... --out DIR        batch inference over a corpus into Parquet shards
+    kompakt serve MODEL [--port P]                 an HTTP JSON API with dynamic batching
+    kompakt explain MODEL TEXT... --out DIR        word attributions (SHAP, integrated gradients) in text order
 
 A user's mistake (missing file, bad UTF-8, unknown key) ends with one line on stderr and exit
 status 2; `--debug` shows the traceback instead.
@@ -36,6 +39,10 @@ BENCHES = {
              "line-by-line and concatenated",
     "infer": "CPU latency and throughput of teacher and students in PyTorch fp32/int8 and ONNX Runtime "
              "fp32/int8, against the teacher in PyTorch fp32 (TinyBERT's 12x768 and 4x312 shapes too)",
+    "batch": "rows/s of kompakt infer (torch, ONNX fp32/int8) against transformers.pipeline(batch_size=32) on the "
+             "same classifier and texts, and tokenisation throughput",
+    "serve": "requests/s and p50/p99 latency of kompakt serve at 1, 8 and 64 concurrent clients, dynamic "
+             "batching against one request per forward pass",
 }
 
 
@@ -85,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="recipes/demo-nb.yaml", help="recipe whose corpus and sizes to use")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
     p.add_argument("--family", default="bert", choices=("bert", "modernbert"),
-                   help="model: the family to compare with its stock transformers class")
+                   help="model, train: the family to compare with its stock transformers class (train: "
+                        "bert means the recipe's own model; modernbert trains its sizes as a ModernBERT)")
 
     p = sub.add_parser("slurm", help="submit stages as Slurm jobs and follow them",
                        description="Renders slurm/templates with a cluster profile (slurm/clusters/*.env) and submits "
@@ -116,7 +124,80 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="the recipe (with its overrides) or its run directory")
     s.add_argument("overrides", nargs="*", metavar="key.sub=value")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_use_commands(sub)
     return parser
+
+
+def _add_use_commands(sub) -> None:
+    """infer, serve and explain: a released model put to use (the kompakt.infer package)."""
+    from kompakt.infer.runtime import POOLINGS, RUNTIMES, TASKS
+
+    def model_args(p):
+        p.add_argument("model", help="a Hugging Face model folder (kompakt export, compress or finetune output)")
+        p.add_argument("--task", choices=TASKS, default=None,
+                       help="default: the folder's head (classify, tokens), else embed")
+        p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                       help="auto: torch bf16 on CUDA; on CPU the folder's ONNX file (int8 first) when it fits "
+                            "the task, else torch fp32")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's limit)")
+        p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPUs allowed)")
+
+    p = sub.add_parser("infer", help="batch inference over text, JSONL or Parquet inputs into Parquet shards",
+                       description="One output shard per input file (Parquet: id plus the outputs), written "
+                                   "atomically with a manifest; a killed run continues where it stopped. Rows that "
+                                   "cannot be processed go to rejected.jsonl with a reason.")
+    model_args(p)
+    p.add_argument("inputs", nargs="*", help="input files or globs (.txt[.gz], .jsonl[.gz], .parquet, datasets folders)")
+    p.add_argument("--out", default=None, help="output folder (needed unless --export-onnx alone)")
+    p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
+    p.add_argument("--id-field", default=None, help="JSONL/Parquet field holding the id (default: <path>:<line|row>)")
+    p.add_argument("--txt-document", choices=("paragraph", "line"), default="line",
+                   help="plain text: one row per line (default) or per blank-line-separated paragraph")
+    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="embed: mean over tokens or [CLS]")
+    p.add_argument("--normalize", action="store_true", help="embed: L2-normalise the embeddings")
+    p.add_argument("--float16", action="store_true", help="embed: store embeddings as float16")
+    p.add_argument("--truncate", action="store_true", help="cut texts over --max-length instead of rejecting them")
+    p.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per forward pass (default 8192)")
+    p.add_argument("--rows-per-chunk", type=int, default=4096, help="rows tokenised ahead of the model at a time")
+    p.add_argument("--workers", type=int, default=1, help="local processes, each taking whole input files")
+    p.add_argument("--shard", default=None, metavar="I/N", help="only input files i, i+N, ... (a Slurm array task)")
+    p.add_argument("--slurm", type=int, default=None, metavar="N", help="submit as a Slurm array of N tasks")
+    p.add_argument("--profile", default="local", help="with --slurm: the cluster profile")
+    p.add_argument("--dry-run", action="store_true", help="with --slurm: print the script, submit nothing")
+    p.add_argument("--ray", action="store_true", help="run on a Ray cluster with Ray Data (pip install 'ray[data]')")
+    p.add_argument("--export-onnx", action="store_true",
+                   help="first write model.onnx and model_int8.onnx (the task head included) into the model folder")
+
+    p = sub.add_parser("serve", help="an HTTP JSON API for a model, with dynamic batching",
+                       description="POST /predict {\"texts\": [...]} (or {\"text\": ...}); GET /health, /ready, "
+                                   "/stats. Requests arriving within --max-wait-ms share a forward pass. With "
+                                   "KOMPAKT_API_KEY set, requests need the header 'Authorization: Bearer <key>'.")
+    model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="embed: mean over tokens or [CLS]")
+    p.add_argument("--normalize", action="store_true", help="embed: L2-normalise the embeddings")
+    p.add_argument("--max-batch", type=int, default=64, help="texts per forward pass at most")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a forward pass waits to fill up")
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request at most")
+    p.add_argument("--max-chars", type=int, default=20000, help="characters per text at most")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="a request waiting longer gets 503")
+    p.add_argument("--no-batching", action="store_true", help="one request per forward pass (the benchmark baseline)")
+
+    p = sub.add_parser("explain", help="word attributions of a text classifier, in text order (HTML, PNG)",
+                       description="SHAP's Partition explainer over words and captum's integrated gradients; "
+                                   "writes explanations.html, one PNG per text and explanations.json.")
+    model_args(p)
+    p.add_argument("texts", nargs="*", help="texts to explain")
+    p.add_argument("--input", default=None, help="a file of texts, one per line (or JSONL with --text-field)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", choices=("shap", "ig", "both"), default="both")
+    p.add_argument("--budget", type=int, default=256, help="SHAP: model evaluations per text")
+    p.add_argument("--ig-steps", type=int, default=32, help="integrated gradients: interpolation steps")
+    p.add_argument("--target", default=None, help="class to explain (default: the predicted one)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _slurm(args: argparse.Namespace) -> int:
@@ -154,6 +235,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "slurm":
         return _slurm(args)
+    if args.command in ("infer", "serve", "explain"):
+        import importlib
+
+        module = {"infer": "batch", "serve": "server", "explain": "explain"}[args.command]
+        return importlib.import_module(f"kompakt.infer.{module}").main(args)
     if args.command == "export":
         from pathlib import Path
 

@@ -15,7 +15,7 @@ from test_import_boundary import imported_modules
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = {"data_prep": "data_prep", "tokenization": "tokenization", "pretrain": "pretrain", "compress": "compress",
-          "finetune": "finetune", "eval": "eval"}
+          "finetune": "finetune", "eval": "eval", "infer": "infer"}
 ALLOWED = {("eval", "finetune")}
 DISPATCH = {"kompakt.cli", "kompakt.pipeline", "kompakt.bench"}
 
