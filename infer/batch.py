@@ -333,11 +333,11 @@ def run_shard(k: int, path: Path, out: Path, predictor, args, progress: Progress
 # ----------------------------------------------------------------------------------------------- drivers
 
 def _predictor(args):
-    from kompakt.infer.runtime import BATCH_TOKENS, load_predictor
+    from kompakt.infer.runtime import load_predictor
 
     return load_predictor(args.model, args.task, runtime=args.runtime, device=args.device, pooling=args.pooling,
                           normalize=args.normalize, max_length=args.max_length,
-                          batch_tokens=args.batch_tokens or BATCH_TOKENS, threads=args.threads)
+                          batch_tokens=args.batch_tokens, threads=args.threads)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

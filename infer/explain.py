@@ -4,7 +4,7 @@ TransSHAP (Kokalj et al. 2021) explains a BERT classifier with SHAP over *words*
 and shows the words in sentence order, coloured by their contribution. This module does the same with two
 methods and fixes what made the original slow: it padded perturbed texts without attention masks and ran one
 forward pass per perturbation. Here the perturbations of a text are length-bucketed into batches with masks
-(`kompakt.infer.runtime.Predictor`: at most 8,192 padded tokens and 256 rows per pass) under
+(`kompakt.infer.runtime.Predictor`: at most 8,192 padded tokens on a GPU, 1,024 on CPU, per pass) under
 `torch.inference_mode`, so SHAP's 256 evaluations of a short text take a handful of forward passes.
 
 Words: `split_words` cuts a text into words with character offsets: runs of letters/digits (`\\w+`) and single

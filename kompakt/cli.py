@@ -158,7 +158,7 @@ def _add_use_commands(sub) -> None:
     p.add_argument("--normalize", action="store_true", help="embed: L2-normalise the embeddings")
     p.add_argument("--float16", action="store_true", help="embed: store embeddings as float16")
     p.add_argument("--truncate", action="store_true", help="cut texts over --max-length instead of rejecting them")
-    p.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per forward pass (default 8192)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per forward pass (default 8192 on a GPU, 1024 on CPU)")
     p.add_argument("--rows-per-chunk", type=int, default=4096, help="rows tokenised ahead of the model at a time")
     p.add_argument("--workers", type=int, default=1, help="local processes, each taking whole input files")
     p.add_argument("--shard", default=None, metavar="I/N", help="only input files i, i+N, ... (a Slurm array task)")
@@ -179,7 +179,9 @@ def _add_use_commands(sub) -> None:
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="embed: mean over tokens or [CLS]")
     p.add_argument("--normalize", action="store_true", help="embed: L2-normalise the embeddings")
     p.add_argument("--max-batch", type=int, default=64, help="texts per forward pass at most")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a forward pass waits to fill up")
+    p.add_argument("--max-wait-ms", type=float, default=None,
+                   help="how long a forward pass waits to fill up (default 5 on a GPU; 0 on CPU: only what queued "
+                        "while the model ran)")
     p.add_argument("--max-texts", type=int, default=64, help="texts per request at most")
     p.add_argument("--max-chars", type=int, default=20000, help="characters per text at most")
     p.add_argument("--timeout-s", type=float, default=30.0, help="a request waiting longer gets 503")

@@ -7,7 +7,8 @@ included, and the held-out MLM loss after the same steps.
 
 - ours: the shared training loop (kompakt/loop.py) on the DeepSpeed engine with the packed loader
   over the tokenizer stage's training shards; MLM-only token masking, so the objective matches.
-- HF grouped: `transformers.Trainer` with the stock `BertForMaskedLM`/`AlbertForMaskedLM` of the same
+- HF grouped: `transformers.Trainer` with the stock `BertForMaskedLM`/`AlbertForMaskedLM` (or
+  `ModernBertForMaskedLM` with `sparse_prediction`, for `--family modernbert`) of the same
   sizes and `DataCollatorForLanguageModeling`, one document per row (truncated to `max_seq_len`),
   `train_sampling_strategy="group_by_length"` so rows of similar length share a batch (what a
   careful user picks to avoid padding), logits on every position.
@@ -95,13 +96,9 @@ def unigram_loss(train_docs: list[list[int]], batches: list[dict], vocab_size: i
 def _hf_throughput(model_cfg, rows: list[list[int]], rows_per_step: int, num_warmup: int, num_steps: int,
                    hf_tokenizer, lr: float, strategy: str = "random"):
     """(real tokens/s of `transformers.Trainer` over steps num_warmup+1 .. num_warmup+num_steps, the model)."""
-    from transformers import (AlbertForMaskedLM, BertForMaskedLM, DataCollatorForLanguageModeling, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    from kompakt.hf import to_hf_config
-
-    model_cls = AlbertForMaskedLM if model_cfg.family == "albert" else BertForMaskedLM
-    model = model_cls(to_hf_config(model_cfg))
+    model = stock_model(model_cfg)
     mlm = DataCollatorForLanguageModeling(hf_tokenizer, mlm=True, mlm_probability=MASK_RATE)
     real_tokens: list[int] = []
 
@@ -131,15 +128,57 @@ def _hf_throughput(model_cfg, rows: list[list[int]], rows_per_step: int, num_war
     return measured / (times[num_warmup + num_steps] - times[num_warmup]), model
 
 
-def train_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
-    """Ours and the three HF feeds on the recipe's corpus and sizes; returns speed and held-out quality."""
+def stock_model(model_cfg):
+    """The stock MLM class of the family, freshly initialised: BertForMaskedLM, AlbertForMaskedLM, or
+    ModernBertForMaskedLM with its own `sparse_prediction` (head and loss on masked rows only), the setting
+    its authors train with and the strongest a careful Trainer user has."""
+    from transformers import AlbertForMaskedLM, BertForMaskedLM, ModernBertForMaskedLM
+
+    if model_cfg.family == "modernbert":
+        from kompakt.hf_modernbert import to_hf_config
+
+        hf_cfg = to_hf_config(model_cfg)
+        hf_cfg.sparse_prediction = True
+        return ModernBertForMaskedLM(hf_cfg)
+    from kompakt.hf import to_hf_config
+
+    return (AlbertForMaskedLM if model_cfg.family == "albert" else BertForMaskedLM)(to_hf_config(model_cfg))
+
+
+def as_modernbert(model_cfg, seq_len: int):
+    """The recipe's sizes as a ModernBERT: a GeGLU two thirds as wide (about the feed-forward parameters of
+    the BERT it replaces), local windows of seq_len / 2 on two of every three layers, no ALBERT factorisation."""
+    from kompakt.model_config import ModelConfig
+
+    width = (model_cfg.intermediate_size * 2 // 3 + 63) // 64 * 64
+    return ModelConfig(family="modernbert", vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
+                       num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads, intermediate_size=width,
+                       max_position_embeddings=model_cfg.max_position_embeddings, layer_norm_eps=1e-5,
+                       modernbert={"local_attention": seq_len // 2})
+
+
+def _to_stock(model):
+    """Our trained model as the stock class of its family (strict load), for the shared held-out loss."""
+    if model.cfg.family == "modernbert":
+        from kompakt.hf_modernbert import to_hf_model
+
+        hf = to_hf_model(model, "masked_lm")
+        hf.sparse_prediction = False  # logits on every position, as heldout_mlm_loss indexes them
+        return hf
+    from kompakt.hf import to_hf_model
+
+    return to_hf_model(model, "masked_lm")
+
+
+def train_throughput(recipe, tok_stage: Path, quick: bool = False, family: str | None = None) -> dict:
+    """Ours and the three HF feeds on the recipe's corpus and sizes; returns speed and held-out quality.
+    `family="modernbert"` trains the recipe's sizes as a ModernBERT on both sides (`as_modernbert`)."""
     from transformers import AutoTokenizer
 
     from kompakt import checkpoint
     from kompakt.dist import setup_env
     from kompakt.engine import build_engine, init_distributed
     from kompakt.errors import ConfigError
-    from kompakt.hf import to_hf_model
     from kompakt.model_config import check_vocab
     from kompakt.models import build_pretraining_model
     from kompakt.pretrain.data import PackedLoader, build_examples, layout
@@ -149,7 +188,7 @@ def train_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
     from kompakt.tokenizer import SpecialIds, load_tokenizer
 
     if recipe.model is None or recipe.pretrain is None or recipe.model.family == "lattice":
-        raise ConfigError(f"{recipe.name}: bench train needs a bert/albert/spanbert model and a pretrain section")
+        raise ConfigError(f"{recipe.name}: bench train needs a bert/albert/spanbert/modernbert model and a pretrain section")
     tok = load_tokenizer(tok_stage / "tokenizer")
     specials = SpecialIds.from_tokenizer(tok)
     model_cfg = check_vocab(recipe.model, specials.vocab_size, str(tok_stage / "tokenizer"))
@@ -158,6 +197,10 @@ def train_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
     num_warmup, num_steps = (2, 10) if quick else (5, 195)
     base = recipe.pretrain
     seq_len = base.objective.max_seq_len
+    if family == "modernbert" and model_cfg.family != "modernbert":
+        model_cfg = as_modernbert(model_cfg, seq_len)
+    elif family not in (None, "bert", model_cfg.family):
+        raise ConfigError(f"bench train --family {family!r}: use bert (the recipe's own model) or modernbert")
     cfg = base.model_copy(update={
         "max_steps": num_warmup + num_steps,
         "run": base.run.model_copy(update={"log_every": num_warmup, "save_every": 10**9, "keep_last": 1,
@@ -201,6 +244,8 @@ def train_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
                                            ("hf_concat", concat, concat_rows, "random")):
         torch.manual_seed(0)
         speed, model = _hf_throughput(model_cfg, rows, per_step, num_warmup, num_steps, hf_tok, lr, strategy)
+        if model_cfg.family == "modernbert":
+            model.sparse_prediction = False
         feeds[name] = (speed, heldout_mlm_loss(model, eval_batches))
         info(f"bench train: {name} {speed:,.0f} tokens/s, held-out MLM loss {feeds[name][1]:.4f}")
         del model
@@ -220,7 +265,7 @@ def train_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
     measured = [r["tokens_per_s"] for r in rows if r["step"] > num_warmup and "tokens_per_s" in r]
     ours = float(np.median(measured))
     ours_tokens_per_step = rows[-1]["tokens_seen"] / rows[-1]["step"]
-    ours_loss = heldout_mlm_loss(to_hf_model(engine.module.cpu().eval(), "masked_lm"), eval_batches)
+    ours_loss = heldout_mlm_loss(_to_stock(engine.module.cpu().eval()), eval_batches)
     del engine
     info(f"bench train: ours {ours:,.0f} tokens/s, held-out MLM loss {ours_loss:.4f}")
     unigram = unigram_loss(docs, eval_batches, model_cfg.vocab_size)
@@ -235,6 +280,7 @@ def train_throughput(recipe, tok_stage: Path, quick: bool = False) -> dict:
         "num_heldout_predictions": int(sum(int((b["labels"] != -100).sum()) for b in eval_batches)),
         "tokens_per_step": round(ours_tokens_per_step), "num_steps": num_steps, "num_warmup_steps": num_warmup,
         "family": model_cfg.family, "max_seq_len": seq_len, "mean_doc_tokens": round(mean_len, 1),
+        "num_params": sum(p.numel() for p in _to_stock(build_pretraining_model(model_cfg)).parameters()),
     }
     table("bench train: real tokens/s (data loading and optimizer included) and held-out MLM loss after "
           f"{num_warmup + num_steps} steps", ["feed", "tokens/s", "ours / it", "held-out loss"], [
