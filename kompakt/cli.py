@@ -143,6 +143,10 @@ def _add_use_commands(sub) -> None:
         p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's limit)")
         p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPUs allowed)")
 
+    def embed_args(p):
+        p.add_argument("--pooling", choices=POOLINGS, default="mean", help="embed: mean over tokens or [CLS]")
+        p.add_argument("--normalize", action="store_true", help="embed: L2-normalise the embeddings")
+
     p = sub.add_parser("infer", help="batch inference over text, JSONL or Parquet inputs into Parquet shards",
                        description="One output shard per input file (Parquet: id plus the outputs), written "
                                    "atomically with a manifest; a killed run continues where it stopped. Rows that "
@@ -154,8 +158,7 @@ def _add_use_commands(sub) -> None:
     p.add_argument("--id-field", default=None, help="JSONL/Parquet field holding the id (default: <path>:<line|row>)")
     p.add_argument("--txt-document", choices=("paragraph", "line"), default="line",
                    help="plain text: one row per line (default) or per blank-line-separated paragraph")
-    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="embed: mean over tokens or [CLS]")
-    p.add_argument("--normalize", action="store_true", help="embed: L2-normalise the embeddings")
+    embed_args(p)
     p.add_argument("--float16", action="store_true", help="embed: store embeddings as float16")
     p.add_argument("--truncate", action="store_true", help="cut texts over --max-length instead of rejecting them")
     p.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per forward pass (default 8192 on a GPU, 1024 on CPU)")
@@ -176,8 +179,7 @@ def _add_use_commands(sub) -> None:
     model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="embed: mean over tokens or [CLS]")
-    p.add_argument("--normalize", action="store_true", help="embed: L2-normalise the embeddings")
+    embed_args(p)
     p.add_argument("--max-batch", type=int, default=64, help="texts per forward pass at most")
     p.add_argument("--max-wait-ms", type=float, default=None,
                    help="how long a forward pass waits to fill up (default 5 on a GPU; 0 on CPU: only what queued "

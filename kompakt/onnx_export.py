@@ -34,6 +34,19 @@ FP32_FILE, INT8_FILE, MANIFEST = "model.onnx", "model_int8.onnx", "onnx.json"
 HEADS = ("classify", "tokens")
 
 
+def random_batch(vocab_size: int, *, batch_size: int = 1, seq_len: int = 128,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """`(batch_size, seq_len)` LongTensors: random token ids, attention mask all ones, token types 0.
+
+    Ids are drawn above 999 when the vocabulary has more than 2000 entries: BERT vocabularies keep
+    [PAD], [unusedN], [UNK], [CLS], [SEP] and [MASK] below 1000, and real text never consists of those.
+    """
+    low = 1000 if vocab_size > 2000 else min(5, vocab_size - 1)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab_size, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
 def tmp_name(final: Path) -> Path:
     """A hidden temporary name beside `final`, unique to this process."""
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -192,11 +205,8 @@ def export_onnx(model_dir: str | Path, onnx_path: str | Path, *, optimize: bool 
     output = "logits" if head else "last_hidden_state"
     wrapper = _EncoderForExport(model, names, output).eval()
     # Two rows of different lengths with padding, so no axis is specialised to 1 or to one length.
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(min(5, model.config.vocab_size - 1), model.config.vocab_size, (2, 16), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    example = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    example = random_batch(model.config.vocab_size, batch_size=2, seq_len=16, seed=0)
+    example["attention_mask"][1, 9:] = 0
     args = tuple(example[n] for n in names)
     tmp = tmp_name(onnx_path)
     info = {"opset": ONNX_OPSET, "inputs": names, "outputs": [output], "head": head,
@@ -280,15 +290,14 @@ def ort_int8(fp32_path: str | Path, int8_path: str | Path, *, per_channel: bool 
 def _check_batches(vocab_size: int, pad_id: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Three padded batches (rows of different lengths, 8 to 128 tokens) of ids above the special tokens."""
     g = torch.Generator().manual_seed(seed)
-    low = 1000 if vocab_size > 2000 else min(5, vocab_size - 1)
     out = []
-    for rows, width in ((1, 8), (4, 37), (8, 128)):
-        ids = torch.randint(low, vocab_size, (rows, width), generator=g)
+    for k, (rows, width) in enumerate(((1, 8), (4, 37), (8, 128))):
+        batch = random_batch(vocab_size, batch_size=rows, seq_len=width, seed=seed + k)
         lengths = torch.randint(max(2, width // 2), width + 1, (rows,), generator=g)
         lengths[0] = width
-        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        ids = ids.masked_fill(mask == 0, pad_id)
-        out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)})
+        batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, pad_id)
+        out.append(batch)
     return out
 
 

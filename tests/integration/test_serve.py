@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,9 @@ import pytest
 
 from conftest import toy_sentiment
 from kompakt.infer.bench import ServeProcess as Server
+from kompakt.infer.bench import free_port
 
 KOMPAKT = [sys.executable, "-m", "kompakt.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +167,7 @@ def test_port_in_use_and_wrong_folder_exit_2_with_one_line(server, tiny_bert):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "in use" in lines[0], out.stderr
-    out = subprocess.run([*KOMPAKT, "serve", str(tiny_bert), "--task", "classify", "--port", str(_free_port())],
+    out = subprocess.run([*KOMPAKT, "serve", str(tiny_bert), "--task", "classify", "--port", str(free_port())],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
