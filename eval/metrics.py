@@ -11,7 +11,12 @@ Every metric is a function of gold labels and predictions in the normalised form
 - token_classification: `span_f1` (seqeval's micro F1 over BIO entity spans, conlleval-compatible
   default mode), `token_accuracy` (correct tags over all tokens, micro);
 - qa: `squad_em`, `squad_f1` (SQuAD v1.1: normalised answer, max over the gold answers, mean over
-  questions).
+  questions);
+- retrieval: `recall_at_1`, `recall_at_10`, `recall_at_100` (the share of a query's relevant documents
+  among its first k), `mrr_at_10` (1 / rank of the first relevant document in the first 10, else 0),
+  `ndcg_at_10` (gain = the relevance grade, discount log2(rank + 1), over the ideal ordering: the
+  trec_eval/BEIR definition); gold is {doc id: grade > 0} per query, the prediction its ranked doc ids;
+  each is the mean over queries.
 
 Scores are fractions (accuracy 0.9, not 90); correlations and MCC lie in [-1, 1]. The report multiplies
 by 100 for display.
@@ -27,6 +32,7 @@ over per-example scores, and thousands of resamples cost one matrix product. Spe
 from __future__ import annotations
 
 import collections
+import math
 import difflib
 import re
 import string
@@ -43,13 +49,15 @@ VALID: dict[str, tuple[str, ...]] = {
     "regression": ("pearson", "spearman"),
     "token_classification": ("span_f1", "token_accuracy"),
     "qa": ("squad_em", "squad_f1"),
+    "retrieval": ("recall_at_1", "recall_at_10", "recall_at_100", "mrr_at_10", "ndcg_at_10"),
 }
+RETRIEVAL: tuple[str, ...] = VALID["retrieval"]
 METRICS: tuple[str, ...] = tuple(sorted({m for ms in VALID.values() for m in ms}))
 # compute() equals the mean of per_example() for exactly these.
-PER_EXAMPLE: tuple[str, ...] = ("accuracy", "squad_em", "squad_f1")
+PER_EXAMPLE: tuple[str, ...] = ("accuracy", "squad_em", "squad_f1") + RETRIEVAL
 # The metric on a resample is from_stats(sum of count-weighted sufficient_stats rows) for these.
 ADDITIVE: tuple[str, ...] = ("accuracy", "macro_f1", "mcc", "f1", "pearson", "span_f1", "token_accuracy",
-                             "squad_em", "squad_f1")
+                             "squad_em", "squad_f1") + RETRIEVAL
 
 # The SQuAD v1.1 script removes these English articles. Pass articles=() for languages without
 # free-standing articles (Chinese, Japanese, Finnish) or a language's own list.
@@ -146,6 +154,8 @@ def per_example(metric: str, gold: Sequence, pred: Sequence, *,
     _check_pair(gold, pred)
     if metric == "accuracy":
         return [float(g == p) for g, p in zip(gold, pred)]
+    if metric in RETRIEVAL:
+        return [retrieval_score(metric, _relevant(g, i), _ranking(p, i)) for i, (g, p) in enumerate(zip(gold, pred))]
     fn = exact_match if metric == "squad_em" else token_f1
     scores = []
     for i, (g, p) in enumerate(zip(gold, pred)):
@@ -154,6 +164,37 @@ def per_example(metric: str, gold: Sequence, pred: Sequence, *,
             raise DataError(f"qa prediction {i} is {type(p).__name__}, not an answer string")
         scores.append(max(fn(a, p, articles=articles) for a in answers))
     return scores
+
+
+# ---------------------------------------------------------------- retrieval
+
+def retrieval_score(metric: str, relevant: dict[str, float], ranking: Sequence[str]) -> float:
+    """One query's recall@k, MRR@10 or nDCG@10 (see the module docstring) of a ranking of doc ids."""
+    rel = {d: float(g) for d, g in relevant.items() if float(g) > 0}
+    if not rel:
+        return 0.0
+    if metric.startswith("recall_at_"):
+        k = int(metric.rsplit("_", 1)[1])
+        return len(rel.keys() & set(ranking[:k])) / len(rel)
+    if metric == "mrr_at_10":
+        return next((1.0 / (r + 1) for r, d in enumerate(ranking[:10]) if d in rel), 0.0)
+    dcg = sum(rel.get(d, 0.0) / math.log2(r + 2) for r, d in enumerate(ranking[:10]))
+    ideal = sum(g / math.log2(r + 2) for r, g in enumerate(sorted(rel.values(), reverse=True)[:10]))
+    return dcg / ideal
+
+
+def _relevant(g: Any, i: int) -> dict:
+    if isinstance(g, dict) and "relevant" in g and isinstance(g["relevant"], dict):
+        g = g["relevant"]  # a whole retrieval example
+    if not isinstance(g, dict):
+        raise DataError(f"retrieval gold {i} is {type(g).__name__}, not {{doc id: relevance grade}}")
+    return g
+
+
+def _ranking(p: Any, i: int) -> list:
+    if not isinstance(p, (list, tuple)) or not all(isinstance(d, str) for d in p):
+        raise DataError(f"retrieval prediction {i} is not a ranked list of document ids")
+    return list(p)
 
 
 # ---------------------------------------------------------------- SQuAD v1.1 answer normalisation
@@ -233,7 +274,7 @@ def sufficient_stats(metric: str, gold: Sequence, pred: Sequence, *, labels: Seq
         raise ConfigError(f"metric {metric!r} has no additive form (only {', '.join(ADDITIVE)} do)")
     _check_pair(gold, pred)
     n = len(gold)
-    if metric in ("accuracy", "squad_em", "squad_f1"):
+    if metric in ("accuracy", "squad_em", "squad_f1") + RETRIEVAL:
         return np.column_stack([per_example(metric, gold, pred, articles=articles), np.ones(n)])
     if metric == "f1":  # (true positive, predicted positive, gold positive), as span_f1's counts
         g = np.array([str(x) == str(positive) for x in gold], dtype=np.float64)
@@ -272,7 +313,7 @@ def from_stats(metric: str, sums: np.ndarray) -> np.ndarray:
     """The metric from summed sufficient statistics, vectorised over leading axes: (..., d) -> (...)."""
     s = np.asarray(sums, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        if metric in ("accuracy", "squad_em", "squad_f1", "token_accuracy"):
+        if metric in ("accuracy", "squad_em", "squad_f1", "token_accuracy") + RETRIEVAL:
             out = s[..., 0] / s[..., 1]
             return np.where(s[..., 1] > 0, out, 0.0)
         if metric in ("span_f1", "f1"):

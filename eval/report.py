@@ -225,6 +225,50 @@ def _rows(task: dict, models: dict[str, dict]) -> tuple[list[list[str]], list[bo
     return rows, ns
 
 
+def _retrieval_rows(task: dict) -> tuple[list[str], list[list[str]]]:
+    """A retrieval task's table: every metric for each fine-tuned model, each model untrained and BM25, with
+    the index kind, build time and queries/s (query encoding and search) where measured."""
+    if task.get("type") != "retrieval":
+        return [], []
+    names = ["recall_at_1", "recall_at_10", "recall_at_100", "mrr_at_10", "ndcg_at_10"]
+    header = ["system", *names, "index", "build s", "queries/s"]
+    rows = []
+    systems = [(m, v.get("metrics"), (task.get("retrieval") or {}).get(m, {})) for m, v in task["models"].items()]
+    systems += [(f"{m} untrained", v.get("metrics"), {}) for m, v in (task.get("untrained") or {}).items()]
+    bm = (task.get("baselines") or {}).get("bm25") or {}
+    systems += [("BM25", bm.get("metrics"), {"index": "inverted", "index_build_s": bm.get("index_build_s"),
+                                            "queries_per_s": bm.get("queries_per_s")})]
+    for name, ms, fig in systems:
+        if not ms:
+            continue
+        rows.append([_md(name), *(_pct(ms.get(k)) for k in names), str(fig.get("index", "-")),
+                     _num(fig.get("index_build_s"), 3), _num(fig.get("queries_per_s"), 0)])
+    return header, rows
+
+
+def _retrieval_notes(task: dict, metric: str) -> list[str]:
+    """One plain sentence per fine-tuned model: above or below BM25 and its untrained self on the metric."""
+    if task.get("type") != "retrieval":
+        return []
+    bm = ((task.get("baselines") or {}).get("bm25") or {}).get("interval")
+    out = []
+    for m, v in task["models"].items():
+        mean = v["interval"]["mean"]
+        parts = []
+        if bm:
+            pair = next((p for p in task.get("pairs") or [] if p.get("a") == m and p.get("b") == "bm25"), None)
+            sig = "" if pair is None else (", significant" if pair.get("significant") else ", not significant") + \
+                f" (paired bootstrap p = {pair.get('p_value', float('nan')):.3f})"
+            parts.append(f"{'above' if mean > bm['mean'] else 'below'} BM25 ({_pct(mean)} vs {_pct(bm['mean'])}{sig})")
+        un = (task.get("untrained") or {}).get(m)
+        if un:
+            u = un["interval"]["mean"]
+            parts.append(f"{'above' if mean > u else 'not above'} the untrained encoder ({_pct(u)})")
+        if parts:
+            out.append(f"{m} fine-tuned, {metric}: " + "; ".join(parts))
+    return out
+
+
 def _pair_rows(task: dict) -> list[list[str]]:
     out = []
     for p in task.get("pairs") or []:
@@ -477,10 +521,16 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
             body.append(f'<p class="note"><sup>1</sup> {html.escape(_NS_NOTE)}</p>')
         if task.get("majority") is not None:
             notes.append(f"always predicting the most frequent train label: {_pct(task['majority'])}")
+        notes += _retrieval_notes(task, metric)
         for note in notes:
             md += [f"- {_md(note)}"]
             body.append(f'<p class="note">{html.escape(note)}</p>')
         md += [""] if notes else []
+        ret_header, ret_rows = _retrieval_rows(task)
+        if ret_rows:
+            md += ["Retrieval metrics x 100 (test, mean over seeds); index and speed of the fine-tuned encoders:", ""]
+            md += _md_table(ret_header, ret_rows) + [""]
+            body += ["<h3>Retrieval metrics</h3>", _html_table(ret_header, ret_rows)]
         pair_rows = _pair_rows(task)
         if pair_rows:
             pair_header = ["a", "b", "a - b x 100", "interval", "p", "verdict"]

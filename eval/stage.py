@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from kompakt.finetune_config import EvalConfig, FinetuneConfig
 from kompakt.log import info, table
 from kompakt.runs import package_versions, write_json_atomic
@@ -31,6 +33,8 @@ def gold_of(kind: str, rows: list[dict]) -> list:
         return [r["tags"] for r in rows]
     if kind == "qa":
         return [r["answers"] for r in rows]
+    if kind == "retrieval":
+        return [r["relevant"] for r in rows]
     return [r["label"] for r in rows]
 
 
@@ -130,7 +134,9 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
             entry["models"][model] = m
         # --- baselines, same splits and seeds; learning-curve sizes as the curve models
         base_preds: dict[str, list] = {}
-        for name in cfg.baselines:
+        if task.type == "retrieval":
+            retrieval_extras(entry, task, data, preds, gold, metric, opts, cfg.n_boot, base_preds)
+        for name in ([] if task.type == "retrieval" else cfg.baselines):
             if name == "tfidf":
                 fn = B.tfidf_baseline
             else:
@@ -187,12 +193,57 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
     return out_dir
 
 
+def retrieval_extras(entry: dict, task, data, preds: dict, gold: list, metric: str, opts: dict, n_boot: int,
+                     base_preds: dict) -> None:
+    """A retrieval task's extra rows: BM25 over the same corpus as the baseline (deterministic, one run), every
+    model before fine-tuning (the encoder as its jobs started), all five retrieval metrics per model, and the
+    index build time and queries per second of the fine-tuned encoders."""
+    from kompakt.eval.metrics import RETRIEVAL
+    from kompakt.finetune.retrieval import BM25
+
+    t0 = time.perf_counter()
+    bm25 = BM25(data.corpus)
+    t1 = time.perf_counter()
+    ranked = bm25.search([r["query"] for r in data.splits["test"]], task.retrieval.top_k)
+    t2 = time.perf_counter()
+    iv = stats.bootstrap_interval(gold, [ranked], metric, n_boot=n_boot, **opts)
+    entry["baselines"]["bm25"] = {"scores": [stats_score(metric, gold, ranked, opts)], "interval": iv,
+                                  "learning_curve": {"all": {k: iv[k] for k in ("mean", "low", "high")}},
+                                  "metrics": {m: stats_score(m, gold, ranked, opts) for m in RETRIEVAL},
+                                  "index_build_s": round(t1 - t0, 3),
+                                  "queries_per_s": round(len(ranked) / max(t2 - t1, 1e-9), 1)}
+    base_preds["bm25"] = [ranked]
+    entry["untrained"], entry["retrieval"] = {}, {}
+    for model, sizes in preds.items():
+        runs = sorted(sizes.get("all", []), key=lambda x: x[0])
+        if not runs:
+            continue
+        by_seed = [p for _, p, _ in runs]
+        entry["models"][model]["metrics"] = {m: float(np.mean([stats_score(m, gold, p, opts) for p in by_seed]))
+                                             for m in RETRIEVAL}
+        start = [r["untrained_predictions"]["test"] for _, _, r in runs if "untrained_predictions" in r]
+        if start:
+            iv = stats.bootstrap_interval(gold, start[:1], metric, n_boot=n_boot, **opts)
+            entry["untrained"][model] = {"interval": iv,
+                                         "metrics": {m: stats_score(m, gold, start[0], opts) for m in RETRIEVAL}}
+        figs = [r["retrieval"] for _, _, r in runs if "retrieval" in r]
+        if figs:
+            entry["retrieval"][model] = {"index": figs[0]["index"], "num_docs": figs[0]["num_docs"],
+                                         **{k: float(np.median([f[k] for f in figs]))
+                                            for k in ("corpus_embed_s", "index_build_s", "search_queries_per_s",
+                                                      "queries_per_s")}}
+    table(f"eval {task.name}: retrieval ({', '.join(RETRIEVAL)}, test)", ["system", *RETRIEVAL],
+          [(m, *(f"{v['metrics'][k]:.4f}" for k in RETRIEVAL)) for m, v in entry["models"].items() if "metrics" in v]
+          + [(f"{m} untrained", *(f"{v['metrics'][k]:.4f}" for k in RETRIEVAL)) for m, v in entry["untrained"].items()]
+          + [("baseline: bm25", *(f"{entry['baselines']['bm25']['metrics'][k]:.4f}" for k in RETRIEVAL))])
+
+
 def heldout_texts(tasks, datas: dict, limit: int = 200) -> list[str]:
     """Up to `limit` test texts of the suite's tasks (sentences, joined tokens, QA contexts)."""
     texts: list[str] = []
     for task in tasks:
         for r in datas[task.name].splits["test"]:
-            texts.append(r.get("text") or " ".join(r.get("tokens") or []) or r.get("context") or "")
+            texts.append(r.get("text") or " ".join(r.get("tokens") or []) or r.get("context") or r.get("query") or "")
             if len(texts) >= limit:
                 return texts
     return texts
@@ -224,7 +275,7 @@ def write_cards(results: dict, finetune_dir: Path) -> int:
                 continue
             iv = m["interval"]
             lines = [f"# {model} fine-tuned on {task} ({results['suite']})", "",
-                     f"| | |", "|---|---|",
+                     "| | |", "|---|---|",
                      f"| task | {task} ({entry['type']}), {entry['num_train']:,} training and {entry['num_test']:,} test examples |",
                      f"| {entry['metric']} | {iv['mean']:.4f} ± {iv['std']:.4f} over {iv['n_seeds']} seeds, 95% interval "
                      f"[{iv['low']:.4f}, {iv['high']:.4f}] (bootstrap over test examples and seeds) |"]
@@ -234,7 +285,9 @@ def write_cards(results: dict, finetune_dir: Path) -> int:
             for name, b in entry["baselines"].items():
                 if "interval" in b:
                     lines.append(f"| baseline {name} | {b['interval']['mean']:.4f} |")
-            lines.append("\nLoad with the `transformers` AutoModelFor... class of the task; labels are in config.json.")
+            lines.append("\nLoad with `sentence_transformers.SentenceTransformer(folder)`, or `transformers.AutoModel` "
+                         "with the pooling of 1_Pooling/config.json." if entry["type"] == "retrieval" else
+                         "\nLoad with the `transformers` AutoModelFor... class of the task; labels are in config.json.")
             (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
             n += 1
     return n

@@ -237,7 +237,8 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
                   "cache_dir": stage_dir / "cache"}
             model_dir = models[spec.student]
         out = run_job(model_dir, task, splits, d.labels, seed=job.seed, work_dir=job_dir,
-                      engine_cfg=cfg.engine, run_cfg=cfg.run, stop=stop, keep_dir=keep, distill=kd)
+                      engine_cfg=cfg.engine, run_cfg=cfg.run, stop=stop, keep_dir=keep, distill=kd,
+                      corpus=d.corpus)
         if kd is not None:
             out.setdefault("distill", {}).update(augment=aug_figures, teacher=spec.teacher, student=spec.student)
         if out["stopped"] != "done":

@@ -125,18 +125,27 @@ def kd_loss(logits: torch.Tensor, soft: torch.Tensor, labels: torch.Tensor, temp
 
 
 def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[str], *, seed: int, work_dir: Path,
-            engine_cfg, run_cfg: RunControl, stop, keep_dir: Path | None = None, distill: dict | None = None) -> dict:
+            engine_cfg, run_cfg: RunControl, stop, keep_dir: Path | None = None, distill: dict | None = None,
+            corpus: dict[str, str] | None = None) -> dict:
     """Fine-tune, early-stop on dev, predict dev and test; returns predictions and figures.
 
     `keep_dir`: where the fine-tuned model is saved as an HF folder (atomically), or None.
     `distill` (task-specific distillation): `teacher_dir` (the fine-tuned teacher), `alpha` (weight of
     the hard-label loss; TinyBERT uses 0), `temperature`, `extra` (augmented training examples, whose
     labels only the teacher's predictions supervise when alpha is 0) and `cache_dir`.
+    `corpus` (retrieval tasks: doc id -> text): the job is kompakt.finetune.retrieval's bi-encoder.
     """
     from kompakt import checkpoint, dist
-    from kompakt.engine import build_engine
-    from kompakt.loop import train_loop
 
+    if task.type == "retrieval":
+        if distill is not None:
+            from kompakt.errors import ConfigError
+
+            raise ConfigError("task distillation of a retrieval task is not supported; fine-tune the student instead")
+        from kompakt.finetune.retrieval import run_retrieval_job
+
+        return run_retrieval_job(model_dir, task, splits, corpus or {}, seed=seed, work_dir=work_dir,
+                                 engine_cfg=engine_cfg, run_cfg=run_cfg, stop=stop, keep_dir=keep_dir)
     t0 = time.perf_counter()
     kind = task_type(task.type)
     checkpoint.seed_everything(seed)
@@ -174,10 +183,6 @@ def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[s
         return batch
 
     loader = BucketLoader(enc["train"], collate, cfg.batch_size, seed)
-    section, max_steps = job_section(cfg, loader.batches_per_epoch, engine_cfg, run_cfg, seed)
-    env = dist.setup_env()
-    engine, einfo = build_engine(model, section, env, accumulation_steps=1)
-    device = einfo.device
     dev_lengths = np.array([len(f["input_ids"]) for f in enc["dev"]])
     dev_batches = [kind.collate([enc["dev"][i] for i in ids], pad_id) for ids in eval_batches(dev_lengths, cfg.batch_size)]
 
@@ -193,6 +198,36 @@ def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[s
         return {"loss": loss, "losses": {"kd": kd.detach(), "ce": out.loss.detach()},
                 "num_predictions": kind.num_predictions(batch)}
 
+    fit = train_early_stopping(model, loader, dev_batches, step_fn, cfg, engine_cfg=engine_cfg, run_cfg=run_cfg,
+                               seed=seed, work_dir=work_dir, stop=stop, name=f"{task.name} s{seed}",
+                               extra={"task": task.name, "model_dir": str(model_dir), "seed": seed})
+    if fit["stopped"] != "done":
+        return {"stopped": fit["stopped"], "step": fit["step"]}
+    final, device = fit["model"], fit["device"]
+    preds = {name: predict(final, kind, enc[name], splits[name], labels, cfg.batch_size, pad_id, device)
+             for name in ("dev", "test")}
+    if keep_dir is not None:
+        save_model(copy.deepcopy(final).cpu(), tokenizer, keep_dir)
+    info(f"finetune: {task.name} seed {seed}: {fit['steps']} steps of {fit['max_steps']}, best dev loss "
+         f"{fit['dev_loss']:.4f} at step {fit['best_step']}")
+    return {"stopped": "done", **fit["figures"], "predictions": preds, "train_examples": len(splits["train"]),
+            "seconds": round(time.perf_counter() - t0, 2), **({"distill": kd_figures} if kd_figures else {})}
+
+
+def train_early_stopping(model, loader, dev_batches: list[dict], step_fn, cfg, *, engine_cfg, run_cfg: RunControl,
+                         seed: int, work_dir: Path, stop, name: str, extra: dict) -> dict:
+    """The shared part of every fine-tuning job: the engine, resume from the job's newest checkpoint, the loop
+    with the dev loss every epoch and early stopping after `cfg.patience` epochs without improvement, and the
+    best epoch's weights restored.
+
+    Returns {"stopped": "done", "model": the trained module, "device", "steps", "max_steps", "best_step",
+    "dev_loss", "figures": those four as result.json keys}, or {"stopped": "signal"/"time", "step"}."""
+    from kompakt import checkpoint, dist
+    from kompakt.engine import build_engine
+    from kompakt.loop import train_loop
+
+    section, max_steps = job_section(cfg, loader.batches_per_epoch, engine_cfg, run_cfg, seed)
+    engine, einfo = build_engine(model, section, dist.setup_env(), accumulation_steps=1)
     best = {"loss": float("inf"), "step": 0, "state": None, "bad": 0}
 
     def on_eval(step: int, dev_loss: float) -> bool:
@@ -211,23 +246,16 @@ def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[s
         start["checkpoint"] = str(tag)
         loader.load_state_dict(loader_state)
     result = train_loop(engine, section, loader, out_dir=work_dir, ckpt_root=ckpt_root, step_fn=step_fn, start=start,
-                        train_state_extra={"task": task.name, "model_dir": str(model_dir), "seed": seed},
-                        eval_batches=dev_batches, stop=stop, name=f"{task.name} s{seed}", on_eval=on_eval)
+                        train_state_extra=extra, eval_batches=dev_batches, stop=stop, name=name, on_eval=on_eval)
     if result.stopped != "done":
         return {"stopped": result.stopped, "step": result.step}
     final = engine.module
     if best["state"] is not None and (result.eval_loss is None or best["loss"] < result.eval_loss):
         final.load_state_dict(best["state"])
-    preds = {name: predict(final, kind, enc[name], splits[name], labels, cfg.batch_size, pad_id, device)
-             for name in ("dev", "test")}
-    if keep_dir is not None:
-        save_model(copy.deepcopy(final).cpu(), tokenizer, keep_dir)
-    info(f"finetune: {task.name} seed {seed}: {result.step} steps of {max_steps}, best dev loss "
-         f"{min(best['loss'], result.eval_loss or float('inf')):.4f} at step {best['step'] or result.step}")
-    return {"stopped": "done", "steps": result.step, "max_steps": max_steps, "best_step": best["step"] or result.step,
-            "dev_loss": min(best["loss"], result.eval_loss if result.eval_loss is not None else float("inf")),
-            "predictions": preds, "train_examples": len(splits["train"]), "seconds": round(time.perf_counter() - t0, 2),
-            **({"distill": kd_figures} if kd_figures else {})}
+    dev_loss = min(best["loss"], result.eval_loss if result.eval_loss is not None else float("inf"))
+    figures = {"steps": result.step, "max_steps": max_steps, "best_step": best["step"] or result.step,
+               "dev_loss": dev_loss}
+    return {"stopped": "done", "model": final, "device": einfo.device, **figures, "figures": figures}
 
 
 def save_model(model, tokenizer, out: Path) -> None:

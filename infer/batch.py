@@ -79,8 +79,8 @@ def settings_of(args, predictor, inputs: list[Path]) -> dict:
     return {
         "format": FORMAT, "model_fingerprint": model_fingerprint(predictor.folder),
         "task": predictor.task, "runtime": predictor.runtime, "max_length": predictor.max_length,
-        "truncate": bool(args.truncate), "pooling": args.pooling if predictor.task == "embed" else None,
-        "normalize": bool(args.normalize) if predictor.task == "embed" else None,
+        "truncate": bool(args.truncate), "pooling": predictor.pooling if predictor.task == "embed" else None,
+        "normalize": bool(predictor.normalize) if predictor.task == "embed" else None,
         "float16": bool(args.float16) if predictor.task == "embed" else None,
         "text_field": args.text_field, "id_field": args.id_field, "txt_document": args.txt_document,
         "inputs": [str(p.resolve()) for p in inputs],

@@ -6,7 +6,9 @@
   `labels`); a regression head gives `value` instead.
 - tokens (a `*ForTokenClassification` folder): `spans`, each `{start, end, label, score}` in characters
   (end exclusive) of the input, from BIO (or plain) tags on each word's first sub-word, as fine-tuning trained them.
-- embed (any encoder): `embedding`, mean-pooled over real tokens or the [CLS] vector, optionally L2-normalised.
+- embed (any encoder): `embedding`, mean-pooled over real tokens or the [CLS] vector, optionally L2-normalised;
+  a sentence-transformers folder (a `kompakt finetune` retrieval export) brings its own pooling and
+  normalisation (kompakt.st_folder), which is the default.
 
 Runtimes: `torch` (fp32 on CPU; bf16 autocast on CUDA), `onnx` and `onnx-int8` (ONNX Runtime on CPU). With
 `runtime="auto"` a CUDA device means torch bf16, and on CPU an ONNX file in the folder whose output fits the
@@ -71,7 +73,7 @@ class Predictor:
     """A model folder loaded for one task and runtime; see the module docstring."""
 
     def __init__(self, folder: str | Path, task: str | None = None, *, runtime: str = "auto", device: str = "auto",
-                 pooling: str = "mean", normalize: bool = False, max_length: int | None = None,
+                 pooling: str | None = None, normalize: bool | None = None, max_length: int | None = None,
                  batch_tokens: int | None = None, threads: int | None = None):
         from transformers import AutoTokenizer
 
@@ -90,6 +92,12 @@ class Predictor:
                             f"{have}; use --task {head or 'embed'} or a `kompakt finetune` output")
         if runtime not in RUNTIMES:
             raise ConfigError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+        # An exported embedding model (a sentence-transformers folder) says its own pooling; else mean, unnormalised.
+        from kompakt.st_folder import embedding_settings
+
+        own = embedding_settings(self.folder) or {"pooling": "mean", "normalize": False}
+        pooling = own["pooling"] if pooling is None else pooling
+        normalize = own["normalize"] if normalize is None else normalize
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
         self.task, self.pooling, self.normalize = task, pooling, normalize

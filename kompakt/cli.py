@@ -144,8 +144,13 @@ def _add_use_commands(sub) -> None:
         p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPUs allowed)")
 
     def embed_args(p):
-        p.add_argument("--pooling", choices=POOLINGS, default="mean", help="embed: mean over tokens or [CLS]")
-        p.add_argument("--normalize", action="store_true", help="embed: L2-normalise the embeddings")
+        # None: the folder's own (a sentence-transformers export says it in 1_Pooling/), else mean, unnormalised.
+        p.add_argument("--pooling", choices=POOLINGS, default=None,
+                       help="embed: mean over tokens or [CLS] (default: the folder's sentence-transformers pooling, "
+                            "else mean)")
+        p.add_argument("--normalize", action="store_true", default=None,
+                       help="embed: L2-normalise the embeddings (default: as the folder's sentence-transformers "
+                            "modules say, else not)")
 
     p = sub.add_parser("infer", help="batch inference over text, JSONL or Parquet inputs into Parquet shards",
                        description="One output shard per input file (Parquet: id plus the outputs), written "

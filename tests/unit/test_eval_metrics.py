@@ -87,6 +87,11 @@ def test_sufficient_stats_recompute_the_metric_on_resamples(metric):
         tags = ["O", "O", "B-PER", "I-PER", "B-LOC"]
         gold = [list(rng.choice(tags, rng.integers(1, 8))) for _ in range(n)]
         pred = [[t if rng.random() < 0.7 else str(rng.choice(tags)) for t in s] for s in gold]
+    elif metric in M.RETRIEVAL:
+        docs = [f"d{i}" for i in range(40)]
+        gold = [{str(d): float(rng.integers(1, 3)) for d in rng.choice(docs, int(rng.integers(1, 4)), replace=False)}
+                for _ in range(n)]
+        pred = [list(rng.permutation(docs)[:30]) for _ in range(n)]
     else:
         words = ["oslo", "the city", "bergen", "a fjord", "norway"]
         gold = [[str(rng.choice(words))] for _ in range(n)]
