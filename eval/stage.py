@@ -21,7 +21,7 @@ import numpy as np
 
 from kompakt.finetune_config import EvalConfig, FinetuneConfig
 from kompakt.log import info, table
-from kompakt.runs import package_versions, write_json_atomic
+from kompakt.runs import git_commit, package_versions, write_json_atomic
 from kompakt.speed import device_name
 
 from kompakt.eval import baselines as B
@@ -45,14 +45,6 @@ def metric_options(task, suite_language: str | None = None) -> dict:
     if "f1" in ([task.metric] + list(task.metrics or [])):
         return {"positive": task.positive}
     return {}
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def model_figures(folder: Path, measure: bool) -> dict:

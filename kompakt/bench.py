@@ -8,9 +8,12 @@ folders they measure on (stage code never imports the pipeline) and adds the dev
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from kompakt.runs import package_versions
+import numpy as np
+
+from kompakt.runs import git_commit, package_versions
 from kompakt.speed import device_name  # noqa: F401  (the device of every benchmark)
 
 
@@ -83,14 +86,18 @@ def run(what: str, recipe: str, quick: bool = False, family: str = "bert") -> di
             prepared = err
         result = pretokenize_throughput(recipe, quick=quick, prepared=prepared)
         result["dedup"] = dedup_rate(recipe, quick=quick)
-    elif what in ("model", "train"):
+    elif what in ("model", "train", "families"):
         # The dispatcher resolves the upstream stages; the stage benchmarks only receive folders.
         from kompakt.config import load_recipe
         from kompakt.pipeline import Pipeline
 
         rec = load_recipe(recipe)
         tok_stage = Pipeline(rec).ensure("tokenizer")
-        if what == "model":
+        if what == "families":
+            from kompakt.pretrain.bench import equal_time
+
+            result = equal_time(rec, tok_stage, quick=quick)
+        elif what == "model":
             from kompakt.pretrain.bench_model import model_throughput
 
             result = model_throughput(rec, tok_stage, quick=quick, family=family)
@@ -107,3 +114,59 @@ def run(what: str, recipe: str, quick: bool = False, family: str = "bert") -> di
     result["device"] = device_name()
     result["versions"] = package_versions()
     return result
+
+
+# Every benchmark of `kompakt bench` (no argument), in this order: the cheap data figures first, serving last.
+SUITE = (("data", "bert"), ("model", "bert"), ("train", "bert"), ("train", "modernbert"), ("families", "bert"),
+         ("infer", "bert"), ("batch", "bert"), ("serve", "bert"))
+# What each benchmark's `ratio` compares (ours over the baseline measured in the same run).
+RATIO_OF = {
+    "data": "pre-tokenisation MB/s over raw tokenizer.encode_batch",
+    "model": "packed MLM training tokens/s over stock BertForMaskedLM (best HF feed)",
+    "train": "end-to-end pretraining tokens/s over the HF Trainer's fastest feed",
+    "train-modernbert": "the same for ModernBERT against stock ModernBertForMaskedLM",
+    "families": "held-out MLM loss at equal time: best of ALBERT / post-LN BERT over ModernBERT's (>1: ModernBERT ahead)",
+    "infer": "CPU throughput of the best student runtime over the teacher in PyTorch fp32",
+    "batch": "kompakt infer rows/s (fastest runtime) over transformers.pipeline(batch_size=32), same model",
+    "serve": "requests/s with dynamic batching over one request per forward pass, 64 clients",
+}
+
+
+def run_all(recipe: str, quick: bool = False, out: str | None = None, suite=SUITE) -> dict:
+    """Every benchmark in SUITE on one recipe; one failing benchmark is recorded with its error and the rest
+    still run. Writes bench.json (each result whole, plus device, versions, commit and date) and prints one
+    table of the ratios."""
+    import datetime
+    import traceback
+
+    from kompakt.config import load_recipe
+    from kompakt.log import info, table
+    from kompakt.runs import write_json_atomic
+
+    results: dict[str, dict] = {}
+    for what, family in suite:
+        key = what if family == "bert" else f"{what}-{family}"
+        t0 = time.perf_counter()
+        info(f"bench: {key} ...")
+        try:
+            results[key] = run(what, recipe=recipe, quick=quick, family=family)
+        except Exception as err:  # recorded, not hidden: the table shows it and bench.json keeps the traceback
+            results[key] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                            "traceback": traceback.format_exc(limit=5)}
+        results[key]["seconds"] = round(time.perf_counter() - t0, 1)
+    rec = load_recipe(recipe)
+    summary = {"device": device_name(), "versions": package_versions(), "commit": git_commit(),
+               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "recipe": recipe, "quick": quick,
+               "ratios": {k: v.get("ratio") for k, v in results.items()}, "benchmarks": results}
+    ok = [v["ratio"] for v in results.values() if isinstance(v.get("ratio"), (int, float))]
+    summary["ratio"] = round(float(np.exp(np.mean(np.log(ok)))), 3) if ok else None  # geometric mean
+    path = Path(out) if out else rec.path(rec.run_dir) / "bench.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, summary)
+    table(f"kompakt bench: {summary['device']}, {summary['date']}, commit {(summary['commit'] or '-')[:10]}",
+          ["benchmark", "ratio", "what the ratio compares", "seconds"],
+          [(k, v.get("ratio", "-") if "error" not in v else f"failed: {v['error'][:60]}", RATIO_OF.get(k, ""),
+            v["seconds"]) for k, v in results.items()])
+    info(f"bench: wrote {path}")
+    return summary

@@ -37,6 +37,8 @@ BENCHES = {
     "model": "packed MLM training tokens/s against stock BertForMaskedLM, padded and concatenated",
     "train": "end-to-end pretraining tokens/s (loader + DeepSpeed + optimizer) against the HF Trainer, "
              "line-by-line and concatenated",
+    "families": "held-out MLM loss at equal training time: the recipe's model (the demo's ALBERT), a post-LN BERT "
+                "and a ModernBERT of about its parameter count, each trained by kompakt's loop",
     "infer": "CPU latency and throughput of teacher and students in PyTorch fp32/int8 and ONNX Runtime "
              "fp32/int8, against the teacher in PyTorch fp32 (TinyBERT's 12x768 and 4x312 shapes too)",
     "batch": "rows/s of kompakt infer (torch, ONNX fp32/int8) against transformers.pipeline(batch_size=32) on the "
@@ -87,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks with ratios against a baseline measured in the same run",
                        description="Benchmarks: " + "; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
-    p.add_argument("what", choices=sorted(BENCHES))
+    p.add_argument("what", nargs="?", choices=sorted(BENCHES), default=None,
+                   help="one benchmark; without it, every one in turn into <run_dir>/bench.json and one table")
+    p.add_argument("--out", default=None, help="all benchmarks: where bench.json goes (default: the recipe's run_dir)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--recipe", default="recipes/demo-nb.yaml", help="recipe whose corpus and sizes to use")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
@@ -238,7 +242,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         # Libraries print to stdout (the HF Trainer prints its metrics dict); keep stdout for the one
         # JSON object and send everything else to stderr.
         with contextlib.redirect_stdout(sys.stderr):
-            result = bench.run(args.what, recipe=args.recipe, quick=args.quick, family=args.family)
+            if args.what is None:
+                result = bench.run_all(recipe=args.recipe, quick=args.quick, out=args.out)
+            else:
+                result = bench.run(args.what, recipe=args.recipe, quick=args.quick, family=args.family)
         if args.json:
             print(json.dumps(result, sort_keys=True))
         return 0
@@ -267,10 +274,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     p = pipeline.Pipeline(recipe)
     if args.command == "run":
-        p.run_all(force=args.force)
+        done = p.run_all(force=args.force)
+        _run_summary(done)
     else:
         p.ensure(args.command, force=args.force)
     return 0
+
+
+def _run_summary(done: dict) -> None:
+    """The end of `kompakt run`: the pretrained model's fill-mask against a unigram guess, and where the report is."""
+    from kompakt.log import info
+
+    if done.get("pretrain") is not None and done.get("tokenizer") is not None:
+        from kompakt.fill_mask import fill_mask_check
+
+        fill_mask_check(done["pretrain"] / "export", done["tokenizer"])
+    if done.get("eval") is not None:
+        info(f"report: {done['eval'] / 'report.html'} (and report.md, results.json, the PNG plots beside it)")
 
 
 def main(argv: list[str] | None = None) -> int:

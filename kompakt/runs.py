@@ -420,3 +420,14 @@ def _raise_naming(err: OSError, path: Path, work: Path | None = None) -> None:
                 path = path / os.path.relpath(name, work)
             raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
     raise err
+
+
+def git_commit() -> str | None:
+    """The commit of this checkout (None outside a git checkout), for reports and benchmark records."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

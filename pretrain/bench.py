@@ -170,6 +170,33 @@ def _to_stock(model):
     return to_hf_model(model, "masked_lm")
 
 
+def _bench_data(cfg, tok_stage: Path, specials, quick: bool):
+    """(training shards, training examples, up to 20,000 training documents as token rows, pre-masked
+    held-out batches): training documents for every side; held-out documents for the evaluation only."""
+    from kompakt.pretrain.data import build_examples, layout
+    from kompakt.pretrain.stage import heldout_by_document, heldout_doc_ids
+    from kompakt.shards import TokenShards
+
+    seq_len = cfg.objective.max_seq_len
+    shards = TokenShards(tok_stage / "tokens")
+    lay = layout(cfg.objective)
+    examples = build_examples(shards, lay.max_tokens, lay.min_tokens)
+    if (tok_stage / "heldout" / "index.json").is_file():
+        heldout_shards, train_examples = TokenShards(tok_stage / "heldout"), examples
+        held_ids = range(heldout_shards.num_docs)
+        train_ids = range(shards.num_docs)
+    else:  # older tokenizer stages: hold out whole documents of tokens/ as pretraining does
+        heldout_shards = shards
+        train_examples, _ = heldout_by_document(shards, examples)
+        held_ids = heldout_doc_ids(shards.num_docs).tolist()
+        train_ids = sorted(set(range(shards.num_docs)) - set(held_ids))
+    max_docs = 4000 if quick else 20000
+    docs = _documents(shards, train_ids[:max_docs], seq_len, specials.cls, specials.sep)
+    held_docs = [d for d in _documents(heldout_shards, held_ids[:400], seq_len, specials.cls, specials.sep) if len(d) >= 4]
+    eval_batches = heldout_batches(held_docs, specials.mask, specials.pad)
+    return shards, train_examples, docs, eval_batches
+
+
 def train_throughput(recipe, tok_stage: Path, quick: bool = False, family: str | None = None) -> dict:
     """Ours and the three HF feeds on the recipe's corpus and sizes; returns speed and held-out quality.
     `family="modernbert"` trains the recipe's sizes as a ModernBERT on both sides (`as_modernbert`)."""
@@ -181,10 +208,8 @@ def train_throughput(recipe, tok_stage: Path, quick: bool = False, family: str |
     from kompakt.errors import ConfigError
     from kompakt.model_config import check_vocab
     from kompakt.models import build_pretraining_model
-    from kompakt.pretrain.data import PackedLoader, build_examples, layout
+    from kompakt.pretrain.data import PackedLoader
     from kompakt.pretrain.loop import train
-    from kompakt.pretrain.stage import heldout_by_document, heldout_doc_ids
-    from kompakt.shards import TokenShards
     from kompakt.tokenizer import SpecialIds, load_tokenizer
 
     if recipe.model is None or recipe.pretrain is None or recipe.model.family == "lattice":
@@ -210,23 +235,7 @@ def train_throughput(recipe, tok_stage: Path, quick: bool = False, family: str |
                                                                          num_warmup + num_steps - 1)}),
     })
 
-    # --- data: training documents for every side; held-out documents for the evaluation only
-    shards = TokenShards(tok_stage / "tokens")
-    lay = layout(cfg.objective)
-    examples = build_examples(shards, lay.max_tokens, lay.min_tokens)
-    if (tok_stage / "heldout" / "index.json").is_file():
-        heldout_shards, train_examples = TokenShards(tok_stage / "heldout"), examples
-        held_ids = range(heldout_shards.num_docs)
-        train_ids = range(shards.num_docs)
-    else:  # older tokenizer stages: hold out whole documents of tokens/ as pretraining does
-        heldout_shards = shards
-        train_examples, _ = heldout_by_document(shards, examples)
-        held_ids = heldout_doc_ids(shards.num_docs).tolist()
-        train_ids = sorted(set(range(shards.num_docs)) - set(held_ids))
-    max_docs = 4000 if quick else 20000
-    docs = _documents(shards, train_ids[:max_docs], seq_len, specials.cls, specials.sep)
-    held_docs = [d for d in _documents(heldout_shards, held_ids[:400], seq_len, specials.cls, specials.sep) if len(d) >= 4]
-    eval_batches = heldout_batches(held_docs, specials.mask, specials.pad)
+    shards, train_examples, docs, eval_batches = _bench_data(cfg, tok_stage, specials, quick)
 
     # --- HF Trainer first: once DeepSpeed has started torch.distributed the Trainer would wrap its
     # model in DistributedDataParallel, which a single-process baseline should not pay for.
@@ -294,3 +303,118 @@ def train_throughput(recipe, tok_stage: Path, quick: bool = False, family: str |
         ("unigram (floor to beat)", "-", "-", round(unigram, 4)),
     ])
     return result
+
+
+# ------------------------------------------------------------------------------------- equal time
+
+def matched_sizes(model_cfg, family: str):
+    """A post-LN BERT or a ModernBERT with the recipe's layers and heads whose parameter count is closest to
+    the recipe's model (ALBERT's shared layers and factorised embeddings make it small for its width): the
+    width is searched in steps of 32 (feed-forward 4x wide for BERT, GeGLU 8/3x for ModernBERT)."""
+    from kompakt.model_config import ModelConfig
+    from kompakt.models import build_pretraining_model
+
+    def count(cfg) -> int:
+        return sum(p.numel() for p in _to_stock(build_pretraining_model(cfg)).parameters())
+
+    target = count(model_cfg)
+    best = None
+    for width in range(32, 1025, 32):
+        if width % model_cfg.num_heads:
+            continue
+        if family == "bert":
+            cfg = ModelConfig(family="bert", vocab_size=model_cfg.vocab_size, hidden_size=width,
+                              num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+                              intermediate_size=4 * width, max_position_embeddings=model_cfg.max_position_embeddings)
+        else:
+            cfg = as_modernbert(model_cfg.model_copy(update={"hidden_size": width, "intermediate_size": 4 * width}),
+                                model_cfg.max_position_embeddings)
+        n = count(cfg)
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (cfg, n)
+        if n > 2 * target:
+            break
+    return best[0], best[1], target
+
+
+def equal_time(recipe, tok_stage: Path, seconds: float | None = None, quick: bool = False) -> dict:
+    """`kompakt bench families`: held-out MLM loss after the same training time for the recipe's model (the
+    demo's ALBERT), a post-LN BERT and a ModernBERT of about its parameter count.
+
+    Each is trained by kompakt's own loop on the same packed training documents with the recipe's optimizer,
+    learning rate, batch tokens and MLM-only token masking (SOP off, so the objectives match). Equal time:
+    a 12-step calibration run gives each model's steps per second, and its real run gets the steps that fit
+    `seconds` (the linear schedule spans them), so a faster architecture sees more data, as it would on a
+    cluster with a time budget. The measured training seconds are reported beside the losses, all on the
+    same pre-masked held-out documents. `ratio` = the better of the other two losses / ModernBERT's (above
+    1: ModernBERT is ahead)."""
+    from kompakt import checkpoint
+    from kompakt.dist import setup_env
+    from kompakt.engine import build_engine, init_distributed
+    from kompakt.errors import ConfigError
+    from kompakt.model_config import check_vocab
+    from kompakt.models import build_pretraining_model
+    from kompakt.pretrain.data import PackedLoader
+    from kompakt.pretrain.loop import train
+    from kompakt.tokenizer import SpecialIds, load_tokenizer
+
+    if recipe.model is None or recipe.pretrain is None or recipe.model.family in ("lattice", "modernbert"):
+        raise ConfigError(f"{recipe.name}: bench families needs a bert/albert/spanbert model and a pretrain section")
+    seconds = seconds or (20.0 if quick else 150.0)
+    tok = load_tokenizer(tok_stage / "tokenizer")
+    specials = SpecialIds.from_tokenizer(tok)
+    own = check_vocab(recipe.model, specials.vocab_size, str(tok_stage / "tokenizer"))
+    if own.family == "spanbert":
+        own = own.model_copy(update={"family": "bert"})
+    base = recipe.pretrain
+    cfg0 = base.model_copy(update={
+        "run": base.run.model_copy(update={"log_every": 2, "save_every": 10**9, "keep_last": 1, "eval_every": 0,
+                                           "resume": "never", "time_limit_minutes": None}),
+        "objective": base.objective.model_copy(update={"masking": "token", "sop": False})})
+    shards, train_examples, docs, eval_batches = _bench_data(cfg0, tok_stage, specials, quick)
+    env = setup_env()
+    init_distributed(env)
+    models = {f"{own.family} (recipe)": (own, None)}
+    for fam in ("bert", "modernbert"):
+        if fam != own.family:
+            cfg, n, _ = matched_sizes(own, fam)
+            models[f"{fam} (matched)" if fam == "modernbert" else "bert post-LN (matched)"] = (cfg, n)
+
+    def run(model_cfg, steps: int) -> tuple[float, float, int, object]:
+        cfg = cfg0.model_copy(update={"max_steps": steps, "schedule": cfg0.schedule.model_copy(
+            update={"warmup_steps": max(1, min(cfg0.schedule.warmup_steps, steps // 10))})})
+        loader = PackedLoader(shards, cfg.objective, cfg.data, specials, env.rank, env.world_size, train_examples,
+                              prefetch=cfg.run.prefetch, num_workers=cfg.run.num_workers)
+        checkpoint.seed_everything(0)
+        engine, einfo = build_engine(build_pretraining_model(model_cfg), cfg, env,
+                                     loader.steps_info().grad_accum_steps)
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            train(engine, einfo, cfg, loader, out_dir=Path(out), ckpt_root=Path(out) / "checkpoints")
+            dt = time.perf_counter() - t0
+            rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        loader.close()
+        return dt, rows[-1]["tokens_seen"], steps, engine
+
+    results = {}
+    for name, (model_cfg, _) in models.items():
+        calib, _, _, _ = run(model_cfg, 12)
+        steps = max(20, int(seconds / (calib / 12)))
+        dt, tokens, steps, engine = run(model_cfg, steps)
+        loss = heldout_mlm_loss(_to_stock(engine.module.cpu().eval()), eval_batches)
+        n = sum(p.numel() for p in _to_stock(build_pretraining_model(model_cfg)).parameters())
+        results[name] = {"heldout_mlm_loss": round(loss, 4), "train_seconds": round(dt, 1), "steps": steps,
+                         "tokens": int(tokens), "num_params": int(n),
+                         "size": f"{model_cfg.num_layers}x{model_cfg.hidden_size} ff {model_cfg.intermediate_size}"}
+        info(f"bench families: {name}: {steps} steps in {dt:.0f} s, held-out MLM loss {loss:.4f}")
+        del engine
+    unigram = unigram_loss(docs, eval_batches, own.vocab_size)
+    mb = next(v for k, v in results.items() if k.startswith("modernbert"))
+    others = [v["heldout_mlm_loss"] for k, v in results.items() if not k.startswith("modernbert")]
+    table(f"bench families: held-out MLM loss after about {seconds:.0f} s of training each (lower is better)",
+          ["model", "size", "params", "steps", "seconds", "held-out loss"],
+          [(k, v["size"], f"{v['num_params']:,}", v["steps"], v["train_seconds"], v["heldout_mlm_loss"])
+           for k, v in results.items()] + [("unigram (floor to beat)", "-", "-", "-", "-", round(unigram, 4))])
+    return {"ratio": round(min(others) / mb["heldout_mlm_loss"], 4), "seconds_budget": seconds, "models": results,
+            "unigram_loss": round(unigram, 4), "lr": cfg0.optim.lr, "tokens_per_step": cfg0.data.global_batch_tokens,
+            "num_heldout_predictions": int(sum(int((b["labels"] != -100).sum()) for b in eval_batches))}

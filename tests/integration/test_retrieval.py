@@ -108,7 +108,7 @@ def test_every_objective_trains(name, ordb, tiny_mlm, engine_ready, tmp_path):
     assert out["retrieval"]["options"]["hard_negatives"] == "bm25"
 
 
-@pytest.mark.slow  # about 90 s on 2 cores: finetune (2 seeds) and eval through the real CLI
+# About 20 s on 2 cores: finetune (2 seeds) and eval through the real CLI.
 def test_eval_reports_bm25_and_the_untrained_encoder(ordb, tiny_mlm, tmp_path):
     suite, splits, corpus = ordb
     data = tmp_path / "data"

@@ -1,0 +1,107 @@
+"""Does the pretrained model know the language? Fill-mask on held-out sentences against a unigram guess.
+
+`kompakt run` ends with this for a recipe that pretrains: whole words of held-out sentences (the tokenizer
+stage's `heldout/` documents, never trained on) are masked one at a time, and the exported MLM predicts
+them from the sentence around them. Beside it, the unigram guess: always the most frequent whole word of
+the training shards, and for the loss the training-token frequencies (add-one smoothed). A model that
+learnt nothing but word frequencies ties the unigram; one that reads context beats it. A few sentences are
+shown with the model's top 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kompakt.log import info, table
+from kompakt.shards import TokenShards
+
+MAX_SENT_TOKENS = 48
+
+
+def _positions(shards: TokenShards, tokenizer, limit: int) -> list[tuple[list[int], int]]:
+    """(sentence token ids, index of one masked whole single-token alphabetic word) pairs, at most one per
+    sentence, from the first sentences of held-out documents (deterministic: document order, middle word)."""
+    out = []
+    for g in range(shards.num_docs):
+        tokens, starts, sents = shards.document(g)
+        for a, b in zip(sents[:-1], sents[1:]):
+            ids, ws = np.asarray(tokens[a:b]).tolist(), np.asarray(starts[a:b]).tolist()
+            if not 6 <= len(ids) <= MAX_SENT_TOKENS:
+                continue
+            words = [i for i in range(len(ids)) if ws[i] and (i + 1 == len(ids) or ws[i + 1])
+                     and tokenizer.convert_ids_to_tokens(ids[i]).isalpha()]
+            if words:
+                out.append((ids, words[len(words) // 2]))
+                break
+        if len(out) >= limit:
+            break
+    return out
+
+
+def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 300, num_show: int = 4) -> dict | None:
+    """Top-1 accuracy and cross-entropy of the MLM at masked held-out words against the unigram guess; prints
+    a table and returns the figures (None when the tokenizer stage has no held-out shards)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not (Path(tok_stage) / "heldout" / "index.json").is_file():
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(tok_stage) / "tokenizer"))
+    held = TokenShards(Path(tok_stage) / "heldout")
+    train = TokenShards(Path(tok_stage) / "tokens")
+    counts = np.zeros(train.vocab_size, dtype=np.int64)
+    for s in train.shards:
+        counts += np.bincount(np.asarray(s.tokens), minlength=train.vocab_size)[:train.vocab_size]
+    special = set(tokenizer.all_special_ids)
+    words = [i for i in np.argsort(-counts)[:2000].tolist()
+             if i not in special and tokenizer.convert_ids_to_tokens(i).isalpha()]
+    guess = words[0]
+    log_unigram = np.log((counts + 1) / (counts.sum() + len(counts)))
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
+    finally:
+        hf_logging.set_verbosity(level)
+    cases = _positions(held, tokenizer, num_positions)
+    if not cases:
+        return None
+    cls, sep, mask = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
+    hits, losses, top3 = [], [], []
+    with torch.inference_mode():
+        for k in range(0, len(cases), 32):
+            chunk = cases[k:k + 32]
+            width = max(len(ids) for ids, _ in chunk) + 2
+            x = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            att = torch.zeros_like(x)
+            for r, (ids, pos) in enumerate(chunk):
+                row = [cls, *ids, sep]
+                row[pos + 1] = mask
+                x[r, :len(row)] = torch.tensor(row)
+                att[r, :len(row)] = 1
+            logits = model(input_ids=x, attention_mask=att).logits.float()
+            for r, (ids, pos) in enumerate(chunk):
+                logp = torch.log_softmax(logits[r, pos + 1], -1)
+                hits.append(int(logp.argmax()) == ids[pos])
+                losses.append(-float(logp[ids[pos]]))
+                top3.append(logp.topk(3).indices.tolist())
+    truth = [ids[pos] for ids, pos in cases]
+    result = {"positions": len(cases), "model_accuracy": float(np.mean(hits)),
+              "unigram_accuracy": float(np.mean([t == guess for t in truth])),
+              "model_loss": float(np.mean(losses)), "unigram_loss": float(-np.mean(log_unigram[truth])),
+              "unigram_guess": tokenizer.convert_ids_to_tokens(guess)}
+    rows = []
+    for (ids, pos), best in list(zip(cases, top3))[:num_show]:
+        shown = ids[:pos] + [mask] + ids[pos + 1:]
+        rows.append((tokenizer.decode(shown), tokenizer.convert_ids_to_tokens(ids[pos]),
+                     ", ".join(tokenizer.convert_ids_to_tokens(best))))
+    table("fill-mask on held-out sentences (never trained on)", ["sentence", "masked word", "model's top 3"], rows)
+    beats = result["model_accuracy"] > result["unigram_accuracy"] and result["model_loss"] < result["unigram_loss"]
+    info(f"fill-mask: {len(cases)} held-out words: model top-1 {result['model_accuracy']:.1%}, loss "
+         f"{result['model_loss']:.2f}; unigram guess {result['unigram_guess']!r} {result['unigram_accuracy']:.1%}, "
+         f"loss {result['unigram_loss']:.2f}: the model {'beats' if beats else 'does NOT beat'} the unigram guess")
+    result["beats_unigram"] = beats
+    return result
