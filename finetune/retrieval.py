@@ -286,31 +286,22 @@ def loss_of(opts, q: torch.Tensor, d: torch.Tensor, batch: dict) -> torch.Tensor
 
 # --------------------------------------------------------------------------------------------------- a job
 
+class _EncoderHead:
+    """The task-type face train.load_model reads: the stock AutoModel (with BERT's pooler, unused since the
+    pooling is ours, so the exported folder loads with stock AutoModel without a "newly initialised" report)."""
+
+    auto_class = "AutoModel"
+
+    @staticmethod
+    def head_kwargs(labels: list[str]) -> dict:
+        return {}
+
+
 def load_encoder(model_dir: Path):
-    """(tokenizer, AutoModel) of a model folder; the vocabularies must agree."""
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """(tokenizer, AutoModel) of a model folder; the vocabularies must agree (train.load_model)."""
+    from kompakt.finetune.train import load_model
 
-    from kompakt.errors import DataError
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception:
-        raise DataError(f"{model_dir} holds no tokenizer that AutoTokenizer can read; save it beside the model") from None
-    config = AutoConfig.from_pretrained(str(model_dir))
-    if len(tokenizer) > config.vocab_size:
-        raise DataError(f"the tokenizer in {model_dir} has {len(tokenizer):,} tokens but the model only "
-                        f"{config.vocab_size:,} embeddings; they do not belong together")
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # an MLM folder: its MLM head is dropped and a pooler made, as intended
-    try:
-        # With BERT's pooler (unused: the pooling is ours), so the exported folder loads with stock AutoModel
-        # without a "newly initialised weights" report.
-        encoder = transformers.AutoModel.from_pretrained(str(model_dir), attn_implementation="sdpa")
-    finally:
-        hf_logging.set_verbosity(level)
-    return tokenizer, encoder
+    return load_model(model_dir, _EncoderHead, [])
 
 
 def _tokens(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:

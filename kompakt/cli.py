@@ -275,17 +275,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     p = pipeline.Pipeline(recipe)
     if args.command == "run":
         done = p.run_all(force=args.force)
-        _run_summary(done)
+        _run_summary(done, recipe)
     else:
         p.ensure(args.command, force=args.force)
     return 0
 
 
-def _run_summary(done: dict) -> None:
+def _run_summary(done: dict, recipe) -> None:
     """The end of `kompakt run`: the pretrained model's fill-mask against a unigram guess, and where the report is."""
     from kompakt.log import info
 
-    if done.get("pretrain") is not None and done.get("tokenizer") is not None:
+    if recipe.model is not None and recipe.model.family == "lattice":
+        info("fill-mask: not shown for Lattice-BERT (its inputs need the word lattice)")
+    elif done.get("pretrain") is not None and done.get("tokenizer") is not None:
         from kompakt.fill_mask import fill_mask_check
 
         fill_mask_check(done["pretrain"] / "export", done["tokenizer"])

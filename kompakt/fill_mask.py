@@ -3,7 +3,9 @@
 `kompakt run` ends with this for a recipe that pretrains: whole words of held-out sentences (the tokenizer
 stage's `heldout/` documents, never trained on) are masked one at a time, and the exported MLM predicts
 them from the sentence around them. Beside it, the unigram guess: always the most frequent whole word of
-the training shards, and for the loss the training-token frequencies (add-one smoothed). A model that
+the training shards (the five most frequent for top-5), and for the loss the training-token frequencies
+(add-one smoothed). The model beats the guess when its top-1 accuracy is higher and its loss lower
+(top-5 accuracies are reported beside them). A model that
 learnt nothing but word frequencies ties the unigram; one that reads context beats it. A few sentences are
 shown with the model's top 3.
 """
@@ -22,20 +24,23 @@ MAX_SENT_TOKENS = 48
 
 
 def _positions(shards: TokenShards, tokenizer, limit: int) -> list[tuple[list[int], int]]:
-    """(sentence token ids, index of one masked whole single-token alphabetic word) pairs, at most one per
-    sentence, from the first sentences of held-out documents (deterministic: document order, middle word)."""
+    """(sentence token ids, index of one masked whole single-token alphabetic word) pairs, one per held-out
+    document: its longest sentence of 6 to 48 tokens (a definition or an example phrase rather than a
+    headword line), the middle one of its candidate words (deterministic)."""
     out = []
     for g in range(shards.num_docs):
         tokens, starts, sents = shards.document(g)
+        best = None
         for a, b in zip(sents[:-1], sents[1:]):
             ids, ws = np.asarray(tokens[a:b]).tolist(), np.asarray(starts[a:b]).tolist()
-            if not 6 <= len(ids) <= MAX_SENT_TOKENS:
+            if not 6 <= len(ids) <= MAX_SENT_TOKENS or (best is not None and len(ids) <= len(best[0])):
                 continue
             words = [i for i in range(len(ids)) if ws[i] and (i + 1 == len(ids) or ws[i + 1])
                      and tokenizer.convert_ids_to_tokens(ids[i]).isalpha()]
             if words:
-                out.append((ids, words[len(words) // 2]))
-                break
+                best = (ids, words[len(words) // 2])
+        if best is not None:
+            out.append(best)
         if len(out) >= limit:
             break
     return out
@@ -45,7 +50,8 @@ def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 30
     """Top-1 accuracy and cross-entropy of the MLM at masked held-out words against the unigram guess; prints
     a table and returns the figures (None when the tokenizer stage has no held-out shards)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+
+    from kompakt.onnx_export import load_stock
 
     if not (Path(tok_stage) / "heldout" / "index.json").is_file():
         return None
@@ -60,17 +66,12 @@ def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 30
              if i not in special and tokenizer.convert_ids_to_tokens(i).isalpha()]
     guess = words[0]
     log_unigram = np.log((counts + 1) / (counts.sum() + len(counts)))
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
-    finally:
-        hf_logging.set_verbosity(level)
+    model = load_stock(AutoModelForMaskedLM, model_dir)
     cases = _positions(held, tokenizer, num_positions)
     if not cases:
         return None
     cls, sep, mask = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
-    hits, losses, top3 = [], [], []
+    hits, hits5, losses, top3 = [], [], [], []
     with torch.inference_mode():
         for k in range(0, len(cases), 32):
             chunk = cases[k:k + 32]
@@ -85,12 +86,15 @@ def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 30
             logits = model(input_ids=x, attention_mask=att).logits.float()
             for r, (ids, pos) in enumerate(chunk):
                 logp = torch.log_softmax(logits[r, pos + 1], -1)
-                hits.append(int(logp.argmax()) == ids[pos])
+                top = logp.topk(5).indices.tolist()
+                hits.append(top[0] == ids[pos])
+                hits5.append(ids[pos] in top)
                 losses.append(-float(logp[ids[pos]]))
-                top3.append(logp.topk(3).indices.tolist())
+                top3.append(top[:3])
     truth = [ids[pos] for ids, pos in cases]
     result = {"positions": len(cases), "model_accuracy": float(np.mean(hits)),
-              "unigram_accuracy": float(np.mean([t == guess for t in truth])),
+              "model_top5": float(np.mean(hits5)), "unigram_accuracy": float(np.mean([t == guess for t in truth])),
+              "unigram_top5": float(np.mean([t in words[:5] for t in truth])),
               "model_loss": float(np.mean(losses)), "unigram_loss": float(-np.mean(log_unigram[truth])),
               "unigram_guess": tokenizer.convert_ids_to_tokens(guess)}
     rows = []
@@ -100,8 +104,9 @@ def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 30
                      ", ".join(tokenizer.convert_ids_to_tokens(best))))
     table("fill-mask on held-out sentences (never trained on)", ["sentence", "masked word", "model's top 3"], rows)
     beats = result["model_accuracy"] > result["unigram_accuracy"] and result["model_loss"] < result["unigram_loss"]
-    info(f"fill-mask: {len(cases)} held-out words: model top-1 {result['model_accuracy']:.1%}, loss "
-         f"{result['model_loss']:.2f}; unigram guess {result['unigram_guess']!r} {result['unigram_accuracy']:.1%}, "
-         f"loss {result['unigram_loss']:.2f}: the model {'beats' if beats else 'does NOT beat'} the unigram guess")
+    info(f"fill-mask: {len(cases)} held-out words: model top-1 {result['model_accuracy']:.1%}, top-5 "
+         f"{result['model_top5']:.1%}, loss {result['model_loss']:.2f}; unigram guess ({result['unigram_guess']!r} "
+         f"first) top-1 {result['unigram_accuracy']:.1%}, top-5 {result['unigram_top5']:.1%}, loss "
+         f"{result['unigram_loss']:.2f}: the model {'beats' if beats else 'does NOT beat'} the unigram guess")
     result["beats_unigram"] = beats
     return result
