@@ -230,7 +230,7 @@ def _retrieval_rows(task: dict) -> tuple[list[str], list[list[str]]]:
     the index kind, build time and queries/s (query encoding and search) where measured."""
     if task.get("type") != "retrieval":
         return [], []
-    names = ["recall_at_1", "recall_at_10", "recall_at_100", "mrr_at_10", "ndcg_at_10"]
+    from kompakt.eval.metrics import RETRIEVAL as names
     header = ["system", *names, "index", "build s", "queries/s"]
     rows = []
     systems = [(m, v.get("metrics"), (task.get("retrieval") or {}).get(m, {})) for m, v in task["models"].items()]

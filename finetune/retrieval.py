@@ -310,18 +310,19 @@ def _tokens(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
 
 
 def rank(model: BiEncoder, query_rows: dict[str, list[list[int]]], doc_rows: list[list[int]], doc_ids: list[str],
-         pad_id: int, device, opts) -> tuple[dict[str, list[list[str]]], dict, np.ndarray]:
+         pad_id: int, device, opts) -> tuple[dict[str, list[list[str]]], dict, np.ndarray, dict[str, np.ndarray]]:
     """Rankings (top_k doc ids per query) of each split's queries over the whole corpus, the figures (index
-    kind, corpus embedding and index build seconds, search and end-to-end queries/s) and the corpus embeddings."""
+    kind, corpus embedding and index build seconds, search and end-to-end queries/s), the corpus embeddings
+    and each split's query embeddings."""
     t0 = time.perf_counter()
     docs = embed_texts(model, doc_rows, pad_id, device)
     t1 = time.perf_counter()
     index, kind = build_index(docs, opts.index)
     t2 = time.perf_counter()
-    out, n_q, t_embed, t_search = {}, 0, 0.0, 0.0
+    out, queries, n_q, t_embed, t_search = {}, {}, 0, 0.0, 0.0
     for split, rows in query_rows.items():
         a = time.perf_counter()
-        q = embed_texts(model, rows, pad_id, device)
+        q = queries[split] = embed_texts(model, rows, pad_id, device)
         b = time.perf_counter()
         out[split] = search(index, q, doc_ids, opts.top_k)
         c = time.perf_counter()
@@ -330,7 +331,7 @@ def rank(model: BiEncoder, query_rows: dict[str, list[list[int]]], doc_rows: lis
                "index_build_s": round(t2 - t1, 4), "num_queries": n_q,
                "search_queries_per_s": round(n_q / max(t_search, 1e-9), 1),
                "queries_per_s": round(n_q / max(t_embed + t_search, 1e-9), 1)}
-    return out, figures, docs
+    return out, figures, docs, queries
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -383,27 +384,29 @@ def run_retrieval_job(model_dir: Path, task, splits: dict[str, list[dict]], corp
     device = choose_device(dist.setup_env())
     model.to(device)
 
-    # The encoder as the job starts: the untrained baseline's rankings, model-mined negatives, the cosine
-    # half of label enhancement.
-    start_rank, start_figures, start_docs = rank(model, q_rows, doc_rows, doc_ids, pad_id, device, opts)
-    need_bm25 = opts.hard_negatives == "bm25" or opts.label_enhancement > 0
-    bm25 = BM25(corpus) if need_bm25 else None
+    # The encoder as the job starts: the untrained baseline's rankings (dev, test), and, when model-mined
+    # negatives or label enhancement need them, the train queries' embeddings, all from one pass.
+    need_start_train = opts.label_enhancement > 0 or opts.hard_negatives == "model"
+    start_splits = ("train", "dev", "test") if need_start_train else ("dev", "test")
+    start_rank, start_figures, start_docs, start_q = rank(model, {s: q_rows[s] for s in start_splits}, doc_rows,
+                                                          doc_ids, pad_id, device, opts)
+    start_unit = unit(start_docs)
+    start_q = {s: unit(start_q[s]) if s in start_q else None for s in ("train", "dev")}
+    bm25 = BM25(corpus) if opts.hard_negatives == "bm25" or opts.label_enhancement > 0 else None
     mined: dict[str, dict[str, list[str]]] = {"train": {}, "dev": {}}
-    start_q = ({s: unit(embed_texts(model, q_rows[s], pad_id, device)) for s in ("train", "dev")}
-               if opts.label_enhancement > 0 or opts.hard_negatives == "model" else {"train": None, "dev": None})
     if opts.hard_negatives != "none":
         depth = opts.mine_depth + max(len(e["relevant"]) for s in ("train", "dev") for e in splits[s])
-        flat = build_index(unit(start_docs), "flat")[0] if opts.hard_negatives == "model" else None
+        flat = build_index(start_unit, "flat")[0] if opts.hard_negatives == "model" else None
         for s in ("train", "dev"):
-            ranked = (bm25.search([e["query"] for e in splits[s]], depth) if bm25 is not None and flat is None
+            ranked = (bm25.search([e["query"] for e in splits[s]], depth) if opts.hard_negatives == "bm25"
                       else search(flat, start_q[s], doc_ids, depth))
             mined[s] = mine(splits[s], ranked, opts.mine_depth)
     model.train()
     train_feats = features_of(splits["train"], q_rows["train"], mined["train"])
     dev_feats = features_of(splits["dev"], q_rows["dev"], mined["dev"])
     # Label enhancement's cosine: the start encoder's, each split's queries against the corpus.
-    batcher = Batcher(opts, doc_tokens, doc_ids, pad_id, seed, bm25, start_q["train"], unit(start_docs))
-    dev_batcher = Batcher(opts, doc_tokens, doc_ids, pad_id, seed, bm25, start_q["dev"], unit(start_docs))
+    batcher = Batcher(opts, doc_tokens, doc_ids, pad_id, seed, bm25, start_q["train"], start_unit)
+    dev_batcher = Batcher(opts, doc_tokens, doc_ids, pad_id, seed, bm25, start_q["dev"], start_unit)
     loader = BucketLoader(train_feats, batcher, cfg.batch_size, seed)
     dev_batches = [dev_batcher([dev_feats[i] for i in ids])
                    for ids in eval_batches(np.array([len(f["input_ids"]) for f in dev_feats]), cfg.batch_size)]
@@ -418,7 +421,7 @@ def run_retrieval_job(model_dir: Path, task, splits: dict[str, list[dict]], corp
     if fit["stopped"] != "done":
         return {"stopped": fit["stopped"], "step": fit["step"]}
     final = fit["model"]
-    ranked, figures, _ = rank(final, {"dev": q_rows["dev"], "test": q_rows["test"]}, doc_rows, doc_ids, pad_id,
+    ranked, figures, _, _ = rank(final, {"dev": q_rows["dev"], "test": q_rows["test"]}, doc_rows, doc_ids, pad_id,
                               fit["device"], opts)
     if keep_dir is not None:
         save_embedding_model(copy.deepcopy(final.encoder).cpu(), tokenizer, keep_dir, pooling=opts.pooling,

@@ -374,13 +374,12 @@ def equal_time(recipe, tok_stage: Path, seconds: float | None = None, quick: boo
     shards, train_examples, docs, eval_batches = _bench_data(cfg0, tok_stage, specials, quick)
     env = setup_env()
     init_distributed(env)
-    models = {f"{own.family} (recipe)": (own, None)}
+    models = {f"{own.family} (recipe)": own}
     for fam in ("bert", "modernbert"):
         if fam != own.family:
-            cfg, n, _ = matched_sizes(own, fam)
-            models[f"{fam} (matched)" if fam == "modernbert" else "bert post-LN (matched)"] = (cfg, n)
+            models[f"{fam} (matched)" if fam == "modernbert" else "bert post-LN (matched)"] = matched_sizes(own, fam)[0]
 
-    def run(model_cfg, steps: int) -> tuple[float, float, int, object]:
+    def run(model_cfg, steps: int) -> tuple[float, int, object]:
         cfg = cfg0.model_copy(update={"max_steps": steps, "schedule": cfg0.schedule.model_copy(
             update={"warmup_steps": max(1, min(cfg0.schedule.warmup_steps, steps // 10))})})
         loader = PackedLoader(shards, cfg.objective, cfg.data, specials, env.rank, env.world_size, train_examples,
@@ -394,13 +393,13 @@ def equal_time(recipe, tok_stage: Path, seconds: float | None = None, quick: boo
             dt = time.perf_counter() - t0
             rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         loader.close()
-        return dt, rows[-1]["tokens_seen"], steps, engine
+        return dt, rows[-1]["tokens_seen"], engine
 
     results = {}
-    for name, (model_cfg, _) in models.items():
-        calib, _, _, _ = run(model_cfg, 12)
+    for name, model_cfg in models.items():
+        calib, _, _ = run(model_cfg, 12)
         steps = max(20, int(seconds / (calib / 12)))
-        dt, tokens, steps, engine = run(model_cfg, steps)
+        dt, tokens, engine = run(model_cfg, steps)
         loss = heldout_mlm_loss(_to_stock(engine.module.cpu().eval()), eval_batches)
         n = sum(p.numel() for p in _to_stock(build_pretraining_model(model_cfg)).parameters())
         results[name] = {"heldout_mlm_loss": round(loss, 4), "train_seconds": round(dt, 1), "steps": steps,
