@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +82,8 @@ def student_config(shape, teacher_cfg: ModelConfig, name: str) -> ModelConfig:
         upd.setdefault("num_hidden_groups", 1)
         upd["hidden_act"] = teacher_cfg.hidden_act
     data = {**teacher_cfg.model_dump(), **upd, "dropout": 0.0}
+    if data["num_layers"] != teacher_cfg.num_layers:  # a teacher's explicit ModernBERT layer list fits its depth only
+        data["modernbert"] = {**data["modernbert"], "layer_types": None}
     try:
         return ModelConfig.model_validate(data, context={"any_vocab_size": True})
     except Exception as err:  # pydantic's message names the field

@@ -1,6 +1,7 @@
 """Layer dropping without retraining: "Poor Man's BERT" (Sajjad et al. 2020, arXiv:2004.03844).
 
-`drop_layers` reads a stock Hugging Face folder (bert or albert), removes `num_drop` transformer
+`drop_layers` reads a stock Hugging Face folder (bert, albert or modernbert; or a Lattice-BERT folder, whose
+classes `kompakt.register_hf()` registers with the Auto classes), removes `num_drop` transformer
 layers chosen by one of the paper's strategies and writes a stock folder that
 `transformers.AutoModel.from_pretrained` loads with no remote code. The paper fine-tunes after
 dropping; this module only drops, the caller fine-tunes or distils.
@@ -28,6 +29,11 @@ weights, so any strategy gives the same model (only K matters). With several gro
 keep HF's uniform use-to-group mapping, or stock ALBERT would run the wrong group; a dropped set
 that breaks it raises ConfigError.
 
+ModernBERT: the kept layers keep their attention type (global or local), written as the stock config's
+explicit `layer_types` list, so a dropped global layer does not turn a local one global. Its first layer
+has no attention norm (the embeddings' norm stands in), and a stock model builds its layer 0 that way,
+so a choice that drops layer 0 (bottom, or alternate down to it) is refused; contribution never picks it.
+
 `load_teacher` and `save_student` are the folder I/O that compress/prune.py shares.
 """
 
@@ -47,12 +53,13 @@ from kompakt.hf import TOKENIZER_FILES
 from kompakt.log import warn
 
 STRATEGIES = ("top", "bottom", "alternate", "symmetric", "contribution")
-MODEL_TYPES = ("bert", "albert")
+MODEL_TYPES = ("bert", "albert", "modernbert", "lattice-bert")
 
 # Weight-name prefixes that mark a head in a stock checkpoint (the base model's keys may carry a
 # "bert."/"albert." prefix or none, so these are matched anywhere in the name).
 _MLM_KEYS = ("cls.predictions.", "predictions.")
 _PRETRAINING_KEYS = ("cls.seq_relationship.", "sop_classifier.")
+_MODERNBERT_MLM_KEYS = ("head.", "decoder.")  # ModernBertForMaskedLM's head, at the top level
 
 
 @dataclass
@@ -67,7 +74,7 @@ class Teacher:
 
 
 def read_config(teacher_dir: str | Path):
-    """The teacher's `AutoConfig`; ConfigError for a model type other than bert/albert."""
+    """The teacher's `AutoConfig`; ConfigError for a model type other than bert/albert/modernbert."""
     from transformers import AutoConfig
 
     folder = Path(teacher_dir)
@@ -82,12 +89,16 @@ def read_config(teacher_dir: str | Path):
         raise DataError(f"{path} has no model_type; pass a folder saved by transformers' save_pretrained")
     # Checked before AutoConfig, which fails with a traceback on a model type transformers does not know.
     if model_type not in MODEL_TYPES:
-        raise ConfigError(f"teacher {folder} is a {model_type} model; compress supports bert and albert")
+        raise ConfigError(f"teacher {folder} is a {model_type} model; compress supports {', '.join(MODEL_TYPES)}")
+    if model_type == "lattice-bert":  # kompakt's own classes, registered with AutoConfig and the Auto models
+        import kompakt
+
+        kompakt.register_hf()
     return AutoConfig.from_pretrained(str(folder))
 
 
 def load_teacher(teacher_dir: str | Path) -> Teacher:
-    """Load a stock bert/albert folder with the class its weights fit, keeping any MLM head.
+    """Load a stock bert/albert/modernbert folder with the class its weights fit, keeping any MLM head.
 
     The class comes from the weight names, not from `architectures` (which a hand-edited or
     sentence-transformers folder may not state): NSP/SOP weights -> `AutoModelForPreTraining`, MLM
@@ -107,16 +118,19 @@ def load_teacher(teacher_dir: str | Path) -> Teacher:
         keys = list(f.keys())
         if not keys:
             raise DataError(f"{weights} holds no tensors; re-save the teacher with save_pretrained")
-        dtype = f.get_slice(next((k for k in keys if "word_embeddings" in k), keys[0])).get_dtype()
+        dtype = f.get_slice(next((k for k in keys if "word_embeddings" in k or "tok_embeddings" in k),
+                                 keys[0])).get_dtype()
     stored_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
     kwargs = {}
     if any(p in k for k in keys for p in _PRETRAINING_KEYS):
         head, cls = "pretraining", AutoModelForPreTraining
-    elif any(p in k for k in keys for p in _MLM_KEYS):
+    elif any(p in k for k in keys for p in _MLM_KEYS) or (
+            config.model_type == "modernbert" and any(k.startswith(_MODERNBERT_MLM_KEYS) for k in keys)):
         head, cls = "masked_lm", AutoModelForMaskedLM
     else:
         head, cls = "base", AutoModel
-        kwargs["add_pooling_layer"] = any("pooler" in k for k in keys)
+        if config.model_type != "modernbert":  # ModernBERT has no pooler
+            kwargs["add_pooling_layer"] = any("pooler" in k for k in keys)
     # fp32 for the scoring passes whatever the stored dtype; save_student casts back.
     model, report = cls.from_pretrained(str(folder), config=config, dtype=torch.float32,
                                         output_loading_info=True, **kwargs)
@@ -174,7 +188,7 @@ def choose_dropped(strategy: str, num_layers: int, num_drop: int,
     raise AssertionError(strategy)
 
 
-def _check(strategy: str, num_drop: int, num_layers: int, teacher_dir: Path, batches) -> None:
+def _check(strategy: str, num_drop: int, num_layers: int, teacher_dir: Path, batches, model_type: str) -> None:
     if strategy not in STRATEGIES:
         close = difflib.get_close_matches(strategy, STRATEGIES, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -186,13 +200,31 @@ def _check(strategy: str, num_drop: int, num_layers: int, teacher_dir: Path, bat
         raise ConfigError(f"num_drop={num_drop}: alternate dropping removes every other layer, at most "
                           f"{num_layers // 2} of the teacher's {num_layers}; lower num_drop or use another "
                           "strategy")
+    if model_type == "modernbert" and strategy != "contribution" and 0 in choose_dropped(strategy, num_layers, num_drop):
+        raise ConfigError(f"strategy={strategy} with num_drop={num_drop} drops layer 0 of ModernBERT teacher "
+                          f"{teacher_dir}, whose next layer would lose its attention norm in a stock ModernBERT "
+                          "(layer 0 has none); use top, symmetric, contribution or a smaller num_drop")
     if strategy == "contribution" and not batches:
         raise ConfigError("strategy=contribution scores layers on real text; pass batches "
                           "(compress.batches.text_batches)")
 
 
+def check_plan(teacher_dir: str | Path, strategy: str, num_drop: int, key: str = "layer_drop") -> None:
+    """The checks `drop_layers` makes before loading any weights, for a caller that checks a whole recipe first
+    (contribution's batches are the caller's to give, so they are not checked here)."""
+    config = read_config(teacher_dir)
+    try:
+        _check(strategy, num_drop, config.num_hidden_layers, Path(teacher_dir), [None], config.model_type)
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
 def _layer_modules(model: nn.Module, model_type: str) -> list[nn.Module]:
     """The modules run once per layer use, in order of use (ALBERT: one group module per use)."""
+    if model_type == "modernbert":
+        return list(model.base_model.layers)
+    if model_type == "lattice-bert":  # the HF wrapper around kompakt's packed encoder
+        return list(model.base_model.lattice.encoder.layer)
     enc = model.base_model.encoder
     if model_type == "bert":
         return list(enc.layer)
@@ -215,7 +247,8 @@ def layer_similarity(model: nn.Module, model_type: str, batches: list[dict]) -> 
     def hook(module, args, output):
         x = args[0]
         y = output[0] if isinstance(output, tuple) else output
-        cos = nn.functional.cosine_similarity(x[state["real"]], y[state["real"]], dim=-1)
+        real = state["real"] if x.dim() == 3 else slice(None)  # a packed (T, D) stream holds real tokens only
+        cos = nn.functional.cosine_similarity(x[real], y[real], dim=-1)
         sums[state["use"]] += cos.double().sum()
         state["use"] += 1
 
@@ -226,8 +259,8 @@ def layer_similarity(model: nn.Module, model_type: str, batches: list[dict]) -> 
         base = model.base_model
         for batch in batches:
             state["use"], state["real"] = 0, batch["attention_mask"].bool()
-            base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 token_type_ids=batch.get("token_type_ids"))
+            types = {} if model_type == "modernbert" else {"token_type_ids": batch.get("token_type_ids")}
+            base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **types)
             assert state["use"] == n, (state["use"], n)
             tokens += int(state["real"].sum())
     finally:
@@ -247,6 +280,12 @@ def _remap_pruned_heads(config, old_to_new: dict[int, int]) -> None:
 
 
 def _drop_bert(model: nn.Module, kept: list[int]) -> None:
+    if model.config.model_type == "lattice-bert":
+        packed = model.base_model.lattice  # kompakt's encoder inside the HF wrapper; its config follows
+        packed.encoder.layer = nn.ModuleList([packed.encoder.layer[i] for i in kept])
+        packed.cfg = packed.cfg.model_copy(update={"num_layers": len(kept)})
+        model.config.num_hidden_layers = len(kept)
+        return
     enc = model.base_model.encoder
     enc.layer = nn.ModuleList([enc.layer[i] for i in kept])
     for new, layer in enumerate(enc.layer):
@@ -254,6 +293,27 @@ def _drop_bert(model: nn.Module, kept: list[int]) -> None:
         layer.attention.self.layer_idx = new
     model.config.num_hidden_layers = len(kept)
     _remap_pruned_heads(model.config, {old: new for new, old in enumerate(kept)})
+
+
+def _drop_modernbert(model: nn.Module, kept: list[int]) -> nn.Module:
+    """A fresh stock model of the kept layers, each keeping its attention type; the weights moved over strictly."""
+    import re
+
+    config = model.config
+    config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": len(kept),
+                                     "layer_types": [config.layer_types[i] for i in kept]})
+    new_index = {old: new for new, old in enumerate(kept)}
+    state = {}
+    for key, value in model.state_dict().items():
+        m = re.match(r"^((?:model\.)?layers\.)(\d+)\.(.*)$", key)
+        if m is None:
+            state[key] = value
+        elif int(m[2]) in new_index:
+            state[f"{m[1]}{new_index[int(m[2])]}.{m[3]}"] = value
+    out = type(model)(config)
+    out.load_state_dict(state, strict=True)
+    _remap_pruned_heads(out.config, new_index)
+    return out.eval()
 
 
 def _drop_albert(model: nn.Module, kept: list[int], teacher_dir: Path, strategy: str) -> list[int]:
@@ -281,7 +341,7 @@ def _drop_albert(model: nn.Module, kept: list[int], teacher_dir: Path, strategy:
 
 def drop_layers(teacher_dir: str | Path, out_dir: str | Path, *, strategy: str, num_drop: int,
                 batches: list[dict] | None = None) -> dict:
-    """Drop `num_drop` layers of the bert/albert folder `teacher_dir` by `strategy`, writing `out_dir`.
+    """Drop `num_drop` layers of the bert/albert/modernbert folder `teacher_dir` by `strategy`, writing `out_dir`.
 
     `batches` (padded `(B, L)` batches from compress.batches.text_batches) are needed by
     "contribution" only. `out_dir` gets `config.json` (num_hidden_layers updated), `model.safetensors`
@@ -293,12 +353,15 @@ def drop_layers(teacher_dir: str | Path, out_dir: str | Path, *, strategy: str, 
     teacher_dir = Path(teacher_dir)
     config = read_config(teacher_dir)
     num_layers = config.num_hidden_layers
-    _check(strategy, num_drop, num_layers, teacher_dir, batches)
+    _check(strategy, num_drop, num_layers, teacher_dir, batches, config.model_type)
     teacher = load_teacher(teacher_dir)
     model = teacher.model
     params_before = num_params(model)
     scores = layer_similarity(model, teacher.model_type, batches) if strategy == "contribution" else None
-    dropped = choose_dropped(strategy, num_layers, num_drop, scores)
+    chosen_from = scores
+    if scores is not None and teacher.model_type == "modernbert":  # layer 0 stays (module docstring)
+        chosen_from = [float("-inf")] + scores[1:]
+    dropped = choose_dropped(strategy, num_layers, num_drop, chosen_from)
     kept = [i for i in range(num_layers) if i not in dropped]
     info = {"method": "layerdrop", "reference": "Sajjad et al. 2020, Poor Man's BERT (arXiv:2004.03844)",
             "model_type": teacher.model_type, "head": teacher.head,
@@ -306,8 +369,11 @@ def drop_layers(teacher_dir: str | Path, out_dir: str | Path, *, strategy: str, 
             "num_layers_before": num_layers, "num_layers_after": len(kept),
             "kept_layers": kept, "dropped_layers": dropped,
             "scores": None if scores is None else {"input_output_cosine": [round(s, 6) for s in scores]}}
-    if teacher.model_type == "bert":
+    if teacher.model_type in ("bert", "lattice-bert"):
         _drop_bert(model, kept)
+    elif teacher.model_type == "modernbert":
+        info["layer_types"] = [config.layer_types[i] for i in kept]
+        model = _drop_modernbert(model, kept)
     else:
         groups = config.num_hidden_groups
         info["groups_before"] = groups

@@ -1,6 +1,6 @@
 """Structured pruning of attention heads and FFN neurons by importance on real text.
 
-`prune` reads a stock bert/albert folder, scores heads and FFN neurons over `batches` (padded `(B, L)`
+`prune` reads a stock bert/albert/modernbert folder, scores heads and FFN neurons over `batches` (padded `(B, L)`
 batches from compress.batches.text_batches), removes the least important and writes a stock folder
 that `transformers.AutoModel.from_pretrained` loads with no remote code. No retraining: the caller
 fine-tunes or distils afterwards.
@@ -25,6 +25,10 @@ activation function). Every layer loses the same number of neurons, round(ffn_fr
 intermediate_size) (Python's round, halves to even; 0.25 of 1536 is 384), so
 `config.intermediate_size` describes every layer; the rows of the input projection and the columns
 of the output projection are sliced out, which saves time and memory.
+
+ModernBERT fuses query, key and value into one `Wqkv` (rows q, then k, then v, D each) and its GeGLU
+input projection `Wi` gives 2F rows (the GELU half, then the gate half): a head is its rows in each third
+of `Wqkv`, and neuron j is row j and row F + j of `Wi` with column j of `Wo`. No biases.
 
 ALBERT's layers are shared: a physical layer is `albert_layer_groups[g].albert_layers[j]`, index
 g * inner_group_num + j, run once per use of its group; importances are summed over its uses and a
@@ -56,34 +60,43 @@ MASK_RATE = 0.15
 
 @dataclass
 class Block:
-    """One physical transformer layer's prunable linears (ALBERT: a shared layer)."""
+    """One physical transformer layer's prunable linears (ALBERT: a shared layer).
 
-    query: nn.Linear
-    key: nn.Linear
-    value: nn.Linear
+    `qkv` is (linear, first row) for query, key and value: three linears at row 0 (BERT, ALBERT) or
+    ModernBERT's fused Wqkv three times, at rows 0, D and 2D. `gated`: `ffn_in` holds 2F rows, F per half."""
+
+    qkv: tuple[tuple[nn.Linear, int], ...]
     attn_out: nn.Linear
     ffn_in: nn.Linear
     ffn_out: nn.Linear
     owner: nn.Module  # the module holding ffn_in/ffn_out, for replacing them
     ffn_in_name: str
     ffn_out_name: str
+    gated: bool = False
 
 
 def blocks(model: nn.Module) -> list[Block]:
-    """The physical layers in order (BERT: encoder.layer[i]; ALBERT: group g's layer j at g * inner + j)."""
-    enc = model.base_model.encoder
+    """The physical layers in order (BERT, ModernBERT: layer i; ALBERT: group g's layer j at g * inner + j)."""
     out = []
+    if model.config.model_type == "modernbert":
+        D = model.config.hidden_size
+        for layer in model.base_model.layers:
+            w = layer.attn.Wqkv
+            out.append(Block(((w, 0), (w, D), (w, 2 * D)), layer.attn.Wo, layer.mlp.Wi, layer.mlp.Wo, layer.mlp,
+                             "Wi", "Wo", gated=True))
+        return out
+    enc = model.base_model.encoder
     if model.config.model_type == "bert":
         for layer in enc.layer:
             s = layer.attention.self
-            out.append(Block(s.query, s.key, s.value, layer.attention.output.dense, layer.intermediate.dense,
-                             layer.output.dense, layer, "intermediate.dense", "output.dense"))
+            out.append(Block(((s.query, 0), (s.key, 0), (s.value, 0)), layer.attention.output.dense,
+                             layer.intermediate.dense, layer.output.dense, layer, "intermediate.dense", "output.dense"))
     else:
         for group in enc.albert_layer_groups:
             for layer in group.albert_layers:
                 a = layer.attention
-                out.append(Block(a.query, a.key, a.value, a.dense, layer.ffn, layer.ffn_output, layer,
-                                 "ffn", "ffn_output"))
+                out.append(Block(((a.query, 0), (a.key, 0), (a.value, 0)), a.dense, layer.ffn, layer.ffn_output,
+                                 layer, "ffn", "ffn_output"))
     return out
 
 
@@ -101,15 +114,20 @@ def _check_batches(batches) -> int:
 
 
 def _forward(base: nn.Module, batch: dict, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    types = {} if base.config.model_type == "modernbert" else {"token_type_ids": batch.get("token_type_ids")}
     out = base(input_ids=batch["input_ids"] if input_ids is None else input_ids,
-               attention_mask=batch["attention_mask"], token_type_ids=batch.get("token_type_ids"))
+               attention_mask=batch["attention_mask"], **types)
     return out.last_hidden_state
 
 
 def _mlm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The stock MLM head on the given rows only (not on every position)."""
-    # BertForMaskedLM and BertForPreTraining both hold the LM head at cls.predictions; ALBERT at predictions.
-    return model.predictions(hidden) if model.config.model_type == "albert" else model.cls.predictions(hidden)
+    # BertForMaskedLM and BertForPreTraining both hold the LM head at cls.predictions; ALBERT at predictions;
+    # ModernBertForMaskedLM at head, then decoder.
+    kind = model.config.model_type
+    if kind == "modernbert":
+        return model.decoder(model.head(hidden))
+    return model.predictions(hidden) if kind == "albert" else model.cls.predictions(hidden)
 
 
 def _mask_tokens(batch: dict, mask_token_id: int, special_ids, gen: torch.Generator):
@@ -247,9 +265,10 @@ def slice_ffn(model: nn.Module, kept: list[list[int]]) -> None:
     assert len(kept) == len(bl) and len({len(k) for k in kept}) == 1, "one equal-length keep list per layer"
     for b, k in zip(bl, kept):
         index = torch.tensor(sorted(k), dtype=torch.long)
-        for name, linear, dim in ((b.ffn_in_name, b.ffn_in, 0), (b.ffn_out_name, b.ffn_out, 1)):
+        rows = torch.cat([index, index + b.ffn_out.in_features]) if b.gated else index
+        for name, linear, dim, idx in ((b.ffn_in_name, b.ffn_in, 0, rows), (b.ffn_out_name, b.ffn_out, 1, index)):
             parent = b.owner.get_submodule(name.rpartition(".")[0]) if "." in name else b.owner
-            setattr(parent, name.rpartition(".")[2], _sliced(linear, index, dim))
+            setattr(parent, name.rpartition(".")[2], _sliced(linear, idx, dim))
     model.config.intermediate_size = len(kept[0])
 
 
@@ -261,12 +280,12 @@ def zero_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:
     size = bl[0].attn_out.in_features // num_heads
     for p, hs in heads.items():
         for h in hs:
-            rows = slice(h * size, (h + 1) * size)
-            for lin in (bl[p].query, bl[p].key, bl[p].value):
+            for lin, first in bl[p].qkv:
+                rows = slice(first + h * size, first + (h + 1) * size)
                 lin.weight[rows] = 0
                 if lin.bias is not None:
                     lin.bias[rows] = 0
-            bl[p].attn_out.weight[:, rows] = 0
+            bl[p].attn_out.weight[:, slice(h * size, (h + 1) * size)] = 0
 
 
 def _choose_heads(norm: torch.Tensor, num_prune: int, already: dict[int, set[int]]) -> dict[int, list[int]]:
@@ -317,8 +336,8 @@ def prune(teacher_dir: str | Path, out_dir: str | Path, *, heads_fraction: float
                           "set at least one above 0")
     num_heads = config.num_attention_heads
     inner = getattr(config, "inner_group_num", 1)
-    num_physical = (config.num_hidden_layers if config.model_type == "bert"
-                    else config.num_hidden_groups * inner)
+    num_physical = (config.num_hidden_groups * inner if config.model_type == "albert"
+                    else config.num_hidden_layers)
     total_heads = num_physical * num_heads
     num_heads_pruned = round(heads_fraction * total_heads)
     if num_heads_pruned > num_physical * (num_heads - 1):
@@ -341,7 +360,8 @@ def prune(teacher_dir: str | Path, out_dir: str | Path, *, heads_fraction: float
     teacher = load_teacher(teacher_dir)
     model = teacher.model
     params_before = num_params(model)
-    encoder_params = num_params(model.base_model.encoder)
+    encoder_params = num_params(model.base_model.layers if teacher.model_type == "modernbert"
+                                else model.base_model.encoder)
     hidden = config.hidden_size
     head_size = blocks(model)[0].attn_out.in_features // num_heads
     info = {"method": "prune", "model_type": teacher.model_type, "head": teacher.head,
@@ -350,6 +370,7 @@ def prune(teacher_dir: str | Path, out_dir: str | Path, *, heads_fraction: float
             "reference": ("heads: Michel et al. 2019 (arXiv:1905.10650); "
                           "FFN: |activation| x output-column norm"),
             "layers": ("physical layers: encoder.layer[i]" if teacher.model_type == "bert" else
+                       "physical layers: layers[i]" if teacher.model_type == "modernbert" else
                        f"physical layers: group g, inner layer j at g * {inner} + j (shared over uses)")}
 
     # Score everything on the teacher before changing any weight.
@@ -385,7 +406,8 @@ def prune(teacher_dir: str | Path, out_dir: str | Path, *, heads_fraction: float
         else:
             zero_heads(model, new)
             model.config.kompakt_pruned_heads = {str(p): hs for p, hs in pruned_heads.items() if hs}
-            params_zeroed = sum(len(hs) for hs in new.values()) * (4 * head_size * hidden + 3 * head_size)
+            biases = 3 * head_size if blocks(model)[0].qkv[0][0].bias is not None else 0
+            params_zeroed = sum(len(hs) for hs in new.values()) * (4 * head_size * hidden + biases)
         info["head_loss"] = loss_name
         info["head_importance"] = [[round(float(x), 6) for x in row] for row in head_scores]
     info["pruned_heads"] = {str(p): hs for p, hs in pruned_heads.items()}

@@ -35,6 +35,7 @@ import torch
 
 from kompakt.compress import speed
 from kompakt.errors import ConfigError, DataError
+from kompakt.hf import TOKENIZER_FILES
 from kompakt.onnx_export import (  # noqa: F401 - load_encoder re-exported for compress.speed and the tests
     export_onnx, load_encoder, load_stock, ort_int8, require_onnx, tmp_name)
 from kompakt.runs import write_json_atomic
@@ -45,9 +46,7 @@ MANIFEST = "quantization.json"
 # interleaved runs): x86 (which picks fbgemm or onednn per op) 268 ms, fbgemm 294 ms, onednn 286 ms
 # (within the machine's noise of each other), qnnpack 1048 ms; fp32 541 ms.
 TORCH_ENGINE = "x86"
-# Tokenizer and config files copied into both kinds of output folder (whichever the source has).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt")
+# Config files copied into both kinds of output folder, with kompakt.hf.TOKENIZER_FILES (whichever the source has).
 CONFIG_FILES = ("config.json", "generation_config.json")
 # Fraction of real (non-special) positions replaced by [MASK] for the masked-prediction agreement.
 MASK_RATE = 0.15

@@ -34,7 +34,8 @@ MODEL_FILES = ("model.safetensors", "model.onnx", "model_int8.onnx", "pytorch_mo
 
 
 def check_teacher(teacher_dir: Path) -> dict:
-    """The teacher folder's config.json, refused with one line unless it is a BERT, ALBERT or ModernBERT model."""
+    """The teacher folder's config.json, refused with one line unless it is a BERT, ALBERT, ModernBERT or Lattice-BERT
+    model."""
     cfg_path = teacher_dir / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"compress.teacher: {teacher_dir} has no config.json; point at a Hugging Face model folder")
@@ -42,9 +43,9 @@ def check_teacher(teacher_dir: Path) -> dict:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except ValueError:
         raise DataError(f"{cfg_path} is not valid JSON; re-export the teacher") from None
-    if cfg.get("model_type") not in ("bert", "albert", "modernbert"):
+    if cfg.get("model_type") not in ("bert", "albert", "modernbert", "lattice-bert"):
         raise ConfigError(f"compress.teacher: {teacher_dir} is a {cfg.get('model_type')!r} model; compress supports "
-                          f"bert, albert and modernbert teachers")
+                          f"bert, albert, modernbert and lattice-bert teachers")
     return cfg
 
 
@@ -201,12 +202,12 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
     teacher = load_pretrained(teacher_dir)
     has_head = distill.encoder_and_head(teacher)[1] is not None
     for s in cfg.students:
-        # What works on a ModernBERT teacher so far: distillation and torch int8.
-        if teacher.cfg.family == "modernbert" and (s.method in ("theseus", "layer_drop", "prune")
-                                                   or (s.method == "quantize" and s.backend == "onnx")):
+        if teacher.cfg.family == "lattice" and (s.method not in ("layer_drop", "quantize")
+                                                or (s.method == "quantize" and s.backend == "onnx")):
             what = s.method + (" with backend onnx" if s.method == "quantize" else "")
-            raise ConfigError(f"students.{s.name}: {what} does not support a ModernBERT teacher yet; distil it "
-                              f"(method: distill) or quantize with backend: torch")
+            raise ConfigError(f"students.{s.name}: {what} does not support a Lattice-BERT teacher yet (its inputs "
+                              f"carry lexicon words and lattice positions); use layer_drop, or quantize with backend: "
+                              f"torch")
         if s.method == "distill":
             distill.prepare(s, teacher.cfg, has_head)
             if s.student.hidden_size and s.student.hidden_size > teacher.cfg.hidden_size:
@@ -214,6 +215,10 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
                                   f"teacher's {teacher.cfg.hidden_size}; a student must not be wider than its teacher")
             if s.student.init not in ("teacher", "random"):
                 check_same_vocab(teacher_dir, Path(s.student.init), what=f"students.{s.name}.student.init")
+        if s.method == "layer_drop" and s.source == "teacher":  # e.g. ModernBERT's layer 0 cannot go
+            from kompakt.compress.layerdrop import check_plan
+
+            check_plan(teacher_dir, s.strategy, s.num_drop, key=f"students.{s.name}")
         if s.method == "theseus":
             from kompakt.compress.theseus import check as check_theseus
 
@@ -277,7 +282,8 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
 
             tmp.mkdir(parents=True)
             figures = drop_layers(source, tmp, strategy=s.strategy, num_drop=s.num_drop, batches=heldout)
-            rows.append(("layers dropped", f"{s.strategy}: {figures.get('dropped')} (0-based), kept {figures.get('kept')}"))
+            rows.append(("layers dropped", f"{s.strategy}: {figures['dropped_layers']} (0-based), kept "
+                                           f"{figures['kept_layers']}"))
         elif env.is_main and s.method == "prune":
             from kompakt.compress.prune import prune
 

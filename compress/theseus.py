@@ -16,7 +16,8 @@ import torch
 
 from kompakt.errors import ConfigError
 from kompakt.log import info
-from kompakt.models.theseus import TheseusModel
+from kompakt.models.distill import encoder_and_head
+from kompakt.models.theseus import TheseusModel, successor_config
 
 from kompakt.compress.distill import build_loaders, heldout_mlm_loss, resume_and_train
 
@@ -48,9 +49,10 @@ class TheseusStep:
 def check(spec, teacher) -> None:
     """Refuse, before anything runs, a teacher or successor BERT-of-Theseus cannot have."""
     key = f"students.{spec.name}"
-    if teacher.cfg.family not in ("bert", "spanbert") or not hasattr(teacher, "cls"):
-        raise ConfigError(f"{key}: BERT-of-Theseus replaces the modules of a BERT with an MLM head; this teacher is "
-                          f"{teacher.cfg.family}{' without a head' if not hasattr(teacher, 'cls') else ''} "
+    head = encoder_and_head(teacher)[1]
+    if teacher.cfg.family not in ("bert", "spanbert", "modernbert") or head is None:
+        raise ConfigError(f"{key}: BERT-of-Theseus replaces the modules of a BERT or ModernBERT with an MLM head; this "
+                          f"teacher is {teacher.cfg.family}{' without a head' if head is None else ''} "
                           f"(for ALBERT's one shared layer use distill or layer_drop)")
     n = teacher.cfg.num_layers
     if spec.num_layers >= n or n % spec.num_layers:
@@ -74,7 +76,7 @@ def train_theseus(spec, teacher: torch.nn.Module, tokenizer_stage: Path, work_di
     # The teacher may be frozen by an earlier student; the copy trains its embeddings and head again.
     model = TheseusModel(copy.deepcopy(teacher).train().requires_grad_(True), spec.num_layers)
     device = choose_device(env)
-    student_cfg = teacher.cfg.model_copy(update={"num_layers": spec.num_layers})
+    student_cfg = successor_config(teacher.cfg, spec.num_layers)
 
     def successor() -> torch.nn.Module:
         s = build_pretraining_model(student_cfg)

@@ -20,9 +20,11 @@ from kompakt.model_config import ModelConfig
 
 HEADS = ("masked_lm", "pretraining", "base")
 
-# Tokenizer files a stock AutoTokenizer folder may hold; any of them present is copied on export.
+# Tokenizer files a stock AutoTokenizer folder may hold (and Lattice-BERT's lexicon.txt, its word ids); any of
+# them present is copied on export and into every compressed folder.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "spiece.model", "added_tokens.json")
+                   "spiece.model", "added_tokens.json", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
+                   "lexicon.txt")
 
 # Buffers some checkpoints carry that are not parameters of ours (HF recomputes them).
 IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -109,6 +111,10 @@ def load_pretrained(path: str | Path, family: str | None = None, **overrides) ->
         from kompakt import hf_modernbert
 
         return hf_modernbert.load_pretrained(folder, **overrides)
+    if hf_cfg.get("model_type") == "lattice-bert":
+        from kompakt import hf_lattice
+
+        return hf_lattice.load_pretrained(folder)
     cfg = from_hf_config(hf_cfg, family=family, **overrides)
     state = _read_state_dict(folder)
     keys = set(state)

@@ -46,14 +46,16 @@ def to_hf_config(cfg: ModelConfig):
 
 
 def from_hf_config(d: dict, **overrides) -> ModelConfig:
-    """Our ModelConfig from a stock ModernBERT config.json (its layer pattern must be every n-th global)."""
+    """Our ModelConfig from a stock ModernBERT config.json (any list of full and sliding attention layers)."""
     if d.get("model_type") != "modernbert":
         raise KompaktError(f"model_type {d.get('model_type')!r} is not modernbert")
-    types = d.get("layer_types") or []
+    types = list(d.get("layer_types") or [])
     global_at = [i for i, t in enumerate(types) if t == "full_attention"]
     every = global_at[1] - global_at[0] if len(global_at) > 1 else max(len(types), 1)
-    if types and [i for i in range(len(types)) if i % every == 0] != global_at:
-        raise DataError(f"layer_types {types} are not one global layer every n starting with the first")
+    # The every-n pattern where the list is one, else the list itself (a model with layers dropped).
+    pattern = [i for i in range(len(types)) if i % every == 0] == global_at
+    if any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise DataError(f"layer_types {types}: kompakt's ModernBERT knows full_attention and sliding_attention")
     rope = d.get("rope_parameters") or {}
     fields = dict(family="modernbert", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                   num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
@@ -61,6 +63,7 @@ def from_hf_config(d: dict, **overrides) -> ModelConfig:
                   max_position_embeddings=d["max_position_embeddings"], layer_norm_eps=d.get("norm_eps", 1e-5),
                   initializer_range=d.get("initializer_range", 0.02),
                   modernbert=dict(local_attention=d.get("local_attention", 128), global_attn_every_n_layers=every,
+                                  layer_types=None if pattern or not types else types,
                                   global_rope_theta=rope.get("full_attention", {}).get("rope_theta", 160_000.0),
                                   local_rope_theta=rope.get("sliding_attention", {}).get("rope_theta", 10_000.0)))
     for key in ("norm_bias", "attention_bias", "mlp_bias", "classifier_bias"):

@@ -39,6 +39,9 @@ class ModernBertOptions(StrictModel):
     local_attention: int = Field(128, ge=2)
     # Layer i attends globally when i % global_attn_every_n_layers == 0 (ModernBERT: every third, starting with the first).
     global_attn_every_n_layers: int = Field(3, ge=1)
+    # An explicit type per layer instead of the every-n pattern, as `ModernBertConfig.layer_types`: what a
+    # model keeps when layers are dropped (compress layer_drop, BERT-of-Theseus) or a stock folder states.
+    layer_types: list[Literal["full_attention", "sliding_attention"]] | None = None
     global_rope_theta: float = Field(160_000.0, gt=0.0)
     local_rope_theta: float = Field(10_000.0, gt=0.0)
 
@@ -93,6 +96,10 @@ class ModelConfig(StrictModel):
         if self.vocab_size is not None and self.vocab_size % 64 and not any_vocab:
             raise ValueError(f"model.vocab_size={self.vocab_size} must be a multiple of 64 "
                              f"(e.g. {(self.vocab_size + 63) // 64 * 64}); round the tokenizer's vocab_size up")
+        types = self.modernbert.layer_types
+        if self.family == "modernbert" and types is not None and len(types) != self.num_layers:
+            raise ValueError(f"model.modernbert.layer_types has {len(types)} entries for model.num_layers="
+                             f"{self.num_layers}; give one per layer or leave it unset")
         if self.family == "albert":
             if self.num_layers % self.num_hidden_groups:
                 raise ValueError(f"model.num_layers={self.num_layers} must be divisible by "

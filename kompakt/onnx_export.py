@@ -148,8 +148,17 @@ class _EncoderForExport(torch.nn.Module):
         self.output = output
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        ext = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+        low = torch.finfo(torch.float32).min
+        ext = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * low
         kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        window = getattr(self.model.config, "sliding_window", None)
+        if self.model.config.model_type == "modernbert" and window is not None:
+            # A ready 4-D mask would reach ModernBERT's local layers unchanged (no window): give each type its own,
+            # the local one also masking keys more than `sliding_window` positions away (minimum, not a sum of two
+            # float32 minima, which would be -inf and turn padded rows to NaN).
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+            far = ((pos[:, None] - pos[None, :]).abs() > window).to(torch.float32) * low
+            ext = {"full_attention": ext, "sliding_attention": torch.minimum(ext, far[None, None])}
         return getattr(self.model(input_ids=input_ids, attention_mask=ext, **kw), self.output)
 
 

@@ -197,16 +197,29 @@ class BertModel(nn.Module):
         output projection and feed-forward on those rows only; its keys and values still cover all T
         tokens, so the result is exact. At 15% masking that skips about 85% of one layer's
         projection and feed-forward, 9 D^2 of every layer's 12 D^2 per token."""
-        position_ids, token_type_ids = packed_inputs(input_ids, cu_seqlens, position_ids, token_type_ids)
-        x_TD = self.embeddings(input_ids, position_ids, token_type_ids)
-        plan = plan_attention(cu_seqlens, max_seqlen, x_TD.shape[0], self.cfg.attention, x_TD.dtype)
+        x_TD, run = self.begin(input_ids, cu_seqlens, max_seqlen, position_ids, token_type_ids)
         record(taps, x_TD)
         last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
             tap = {} if taps is not None else None
-            x_TD = layer(x_TD, plan, output_rows if i == last else None, tap)
+            x_TD = run(layer, x_TD, output_rows if i == last else None, tap)
             record(taps, x_TD, tap)
         return x_TD
+
+    @property
+    def layer_list(self) -> nn.ModuleList:
+        return self.encoder.layer
+
+    def begin(self, input_ids, cu_seqlens, max_seqlen=None, position_ids=None, token_type_ids=None):
+        """(the embeddings' output, run): `run(layer, x, rows=None, tap=None)` applies one of this encoder's
+        layers to the packed batch. With `end` it lets code run the layers in its own order (BERT-of-Theseus)."""
+        position_ids, token_type_ids = packed_inputs(input_ids, cu_seqlens, position_ids, token_type_ids)
+        x_TD = self.embeddings(input_ids, position_ids, token_type_ids)
+        plan = plan_attention(cu_seqlens, max_seqlen, x_TD.shape[0], self.cfg.attention, x_TD.dtype)
+        return x_TD, lambda layer, x, rows=None, tap=None: layer(x, plan, rows, tap)
+
+    def end(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD  # post-LN: the last layer's output is final
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ The math is the stock model's: pre-LayerNorm blocks without biases (the first bl
 norm, the embeddings' norm stands in), rotary positions restarting at 0 in every packed sequence
 (theta `global_rope_theta` in global layers, `local_rope_theta` in local ones), a GeGLU feed-forward
 (`Wi` gives D -> 2F, GELU(first half) * second half, `Wo` F -> D), a final norm, and alternating
-attention: layer i is global when i % global_attn_every_n_layers == 0, otherwise it sees only the tokens at most
+attention: layer i is global when i % global_attn_every_n_layers == 0 (or as an explicit
+`layer_types` list says, e.g. after layer dropping), otherwise it sees only the tokens at most
 local_attention // 2 positions away, inside its own sequence. The MLM head (dense, GELU, norm, then
 the decoder tied to the token embeddings) runs on the masked rows only. Nothing pads: the local
 window is one more mask of the packed attention plan (models/packing.py).
@@ -26,6 +27,9 @@ from kompakt.models.packing import attend_qkv, plan_attention, position_ids_from
 
 
 def layer_is_global(cfg: ModelConfig, i: int) -> bool:
+    """Layer i's type: `modernbert.layer_types[i]` where given, else every n-th layer from the first is global."""
+    if cfg.modernbert.layer_types is not None:
+        return cfg.modernbert.layer_types[i] == "full_attention"
     return i % cfg.modernbert.global_attn_every_n_layers == 0
 
 
@@ -135,23 +139,39 @@ class ModernBertModel(nn.Module):
                 output_rows: torch.Tensor | None = None, taps: list | None = None) -> torch.Tensor:
         """Hidden states (T, D), or only `output_rows` of them; `token_type_ids` are ignored (ModernBERT has none).
         `taps` as in BertModel: the embeddings' output, then each layer's (before the final norm)."""
+        x_TD, run = self.begin(input_ids, cu_seqlens, max_seqlen, position_ids)
+        record(taps, x_TD)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            tap = {} if taps is not None else None
+            x_TD = run(layer, x_TD, output_rows if i == last else None, tap)
+            record(taps, x_TD, tap)
+        return self.end(x_TD)
+
+    @property
+    def layer_list(self) -> nn.ModuleList:
+        return self.layers
+
+    def begin(self, input_ids, cu_seqlens, max_seqlen=None, position_ids=None, token_type_ids=None):
+        """(the embeddings' output, run) as BertModel.begin: `run(layer, x, rows, tap)` gives a layer the
+        attention plan and rotary table of its own type (global or local), whichever position it runs at."""
         T = input_ids.shape[0]
         if position_ids is None:
             position_ids = position_ids_from_cu_seqlens(cu_seqlens, T)
         x_TD = self.embeddings(input_ids)
         opts, K = self.cfg.modernbert, self.cfg.hidden_size // self.cfg.num_heads
-        backend = self.cfg.attention
-        plans = {True: plan_attention(cu_seqlens, max_seqlen, T, backend, x_TD.dtype)}
-        ropes = {True: rotary_cos_sin(position_ids, K, opts.global_rope_theta)}
-        if not all(layer.is_global for layer in self.layers):
-            plans[False] = plan_attention(cu_seqlens, max_seqlen, T, backend, x_TD.dtype, window=half_window(self.cfg))
-            ropes[False] = rotary_cos_sin(position_ids, K, opts.local_rope_theta)
-        record(taps, x_TD)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            tap = {} if taps is not None else None
-            x_TD = layer(x_TD, plans[layer.is_global], ropes[layer.is_global], output_rows if i == last else None, tap)
-            record(taps, x_TD, tap)
+        made: dict[bool, tuple] = {}  # per layer type, built once on first use: (attention plan, rotary cos/sin)
+
+        def run(layer, x, rows=None, tap=None):
+            g = layer.is_global
+            if g not in made:
+                made[g] = (plan_attention(cu_seqlens, max_seqlen, T, self.cfg.attention, x.dtype,
+                                          window=None if g else half_window(self.cfg)),
+                           rotary_cos_sin(position_ids, K, opts.global_rope_theta if g else opts.local_rope_theta))
+            return layer(x, *made[g], rows, tap)
+        return x_TD, run
+
+    def end(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.final_norm(x_TD)
 
 

@@ -276,9 +276,11 @@ def test_minilm_relations_distil_the_real_all_minilm_into_a_narrower_student(tmp
     assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads) == (2, 192, 6)
 
 
-def test_a_modernbert_teacher_distils_into_modernbert_and_bert_students(tokenizer_stage, tmp_path):
+@pytest.mark.slow  # about 50 s: seven students, ONNX export and int8
+def test_every_compress_method_takes_a_modernbert_teacher(tokenizer_stage, tmp_path):
     """ModernBERT through compress: taps (hidden states, rotary q/k/v) and its MLM head feed the same
-    TinyBERT losses; both students are stock folders; what does not support it yet says so up front."""
+    TinyBERT losses; BERT-of-Theseus, layer dropping, pruning and int8 (torch and ONNX) work on it; every
+    student is a stock folder whose layers keep their attention types."""
     from transformers import AutoModelForMaskedLM
 
     from kompakt import families
@@ -286,27 +288,47 @@ def test_a_modernbert_teacher_distils_into_modernbert_and_bert_students(tokenize
 
     torch.manual_seed(0)
     cfg = ModelConfig(family="modernbert", vocab_size=1024, hidden_size=64, num_layers=4, num_heads=4,
-                      intermediate_size=96, max_position_embeddings=128, modernbert={"local_attention": 16})
+                      intermediate_size=96, max_position_embeddings=128,
+                      modernbert={"local_attention": 16})  # global, local, local, global
     teacher = families.get("modernbert").resolve("export")(build_pretraining_model(cfg).eval(), tmp_path / "teacher",
                                                            tokenizer_dir=tokenizer_stage / "tokenizer")
     refused = tmp_path / "refused"
-    with pytest.raises(ConfigError, match="students.drop: layer_drop does not support a ModernBERT teacher yet"):
-        run_stage({"students": [tiny_student(steps=5), {"name": "drop", "method": "layer_drop", "num_drop": 2}]},
+    with pytest.raises(ConfigError, match="students.drop: strategy=bottom with num_drop=1 drops layer 0 of ModernBERT teacher"):
+        run_stage({"students": [tiny_student(steps=5), {"name": "drop", "method": "layer_drop", "strategy": "bottom",
+                                                        "num_drop": 1}]},
                   teacher, tokenizer_stage, refused, tmp_path / "cache")
     assert not (refused / "students").exists()  # refused before anything trained
     mb = tiny_student("mb", steps=10)
     mb["student"]["intermediate_size"] = 48
     bert = tiny_student("bert", steps=10, losses={"hidden": 1.0, "logits": 1.0, "mlm": 0.0})
     bert["student"]["family"] = "bert"
-    manifest = run_stage({"students": [mb, bert, {"name": "mb-int8", "method": "quantize", "source": "mb",
-                                                  "backend": "torch"}]},
-                         teacher, tokenizer_stage, tmp_path / "out", tmp_path / "cache")
+    manifest = run_stage({"heldout_examples": 32, "students": [
+        mb, bert, {"name": "mb-int8", "method": "quantize", "source": "mb", "backend": "torch"},
+        {"name": "thes", "method": "theseus", "num_layers": 2, "max_steps": 10, "successor_steps": 4, **FAST},
+        {"name": "drop", "method": "layer_drop", "strategy": "symmetric", "num_drop": 2},
+        {"name": "slim", "method": "prune", "heads_fraction": 0.25, "ffn_fraction": 0.5},
+        {"name": "slim-int8", "method": "quantize", "source": "slim", "backend": "onnx"}]},
+        teacher, tokenizer_stage, tmp_path / "out", tmp_path / "cache")
     students = tmp_path / "out" / "students"
+    got = manifest["students"]
     for name, cls in (("mb", "ModernBertForMaskedLM"), ("bert", "BertForMaskedLM")):
-        figures = manifest["students"][name]["figures"]
+        figures = got[name]["figures"]
         assert figures["steps"] == 10 and np.isfinite(figures["final_losses"]["logits"]), figures
         assert np.isfinite(figures["mlm_after"]) and figures["mapping"] == [2, 4]
         assert type(AutoModelForMaskedLM.from_pretrained(students / name)).__name__ == cls
     assert json.loads((students / "mb" / "config.json").read_text())["layer_types"] == [
         "full_attention", "sliding_attention"]
     assert (students / "mb-int8").is_dir()
+    # Theseus: successors copied from layers 0 and 1 keep their types (global, local) and train.
+    assert json.loads((students / "thes" / "config.json").read_text())["layer_types"] == [
+        "full_attention", "sliding_attention"]
+    assert got["thes"]["figures"]["mlm_after"] < got["thes"]["figures"]["mlm_before"], got["thes"]["figures"]
+    # Symmetric dropping of 2 of 4 keeps layers 0 and 3, both global: an explicit list, not every third.
+    assert got["drop"]["figures"]["kept_layers"] == [0, 3]
+    drop = AutoModelForMaskedLM.from_pretrained(students / "drop")
+    assert drop.config.layer_types == ["full_attention", "full_attention"]
+    assert "[1, 2] (0-based), kept [0, 3]" in (students / "drop" / "README.md").read_text()
+    slim = json.loads((students / "slim" / "config.json").read_text())
+    assert slim["intermediate_size"] == 48 and sum(len(h) for h in slim["kompakt_pruned_heads"].values()) == 4
+    agree = got["slim-int8"]["figures"]["agreement"]
+    assert agree["argmax_agreement"] >= 0.95 and agree["onnx_fp32_max_abs_diff"] < 1e-3, agree

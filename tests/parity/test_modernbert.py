@@ -93,3 +93,34 @@ def test_export_loads_with_auto_classes_and_back(tmp_path):
         torch.testing.assert_close(back(ids, cu, positions)["mlm_logits"], ours(ids, cu, positions)["mlm_logits"])
         torch.testing.assert_close(unpad(stock(input_ids=padded, attention_mask=mask).logits)[positions],
                                    ours(ids, cu, positions)["mlm_logits"], atol=2e-5, rtol=1e-4)
+
+
+def test_any_layer_type_list_round_trips_and_matches_the_stock_model(tmp_path):
+    """A stock folder whose layer_types are no every-n pattern (what layer dropping writes: local, global, local,
+    local, global) loads into our model with that list, computes what the stock model computes, and exports back."""
+    from transformers import AutoModelForMaskedLM
+
+    from kompakt import families
+    from kompakt.hf_modernbert import to_hf_model
+
+    types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    ours = ModernBertForMaskedLM(tiny(modernbert={"local_attention": 8, "layer_types": types})).eval()
+    assert [layer_is_global(ours.cfg, i) for i in range(5)] == [False, True, False, False, True]
+    folder = families.get("modernbert").resolve("export")(ours, tmp_path / "m")
+    stock = AutoModelForMaskedLM.from_pretrained(folder).eval()
+    assert stock.config.layer_types == types
+    back = families.get("modernbert").resolve("load")(folder).eval()
+    assert back.cfg.modernbert.layer_types == types
+    ids, cu, padded, mask = batch(2)
+    positions = torch.tensor([0, 4, 30, 50, 70])
+    with torch.no_grad():
+        want = unpad(stock(input_ids=padded, attention_mask=mask).logits)[positions]
+        torch.testing.assert_close(back(ids, cu, positions)["mlm_logits"], want, atol=2e-5, rtol=1e-4)
+        # The every-third pattern's model would differ: the list is what the layers run.
+        pattern = ModernBertForMaskedLM(tiny()).eval()
+        pattern.load_state_dict(ours.state_dict())
+        assert not torch.allclose(pattern(ids, cu, positions)["mlm_logits"], want, atol=1e-4)
+    assert to_hf_model(back).config.layer_types == types
+    with pytest.raises(ValueError, match="layer_types has 2 entries for model.num_layers=5"):
+        tiny(modernbert={"layer_types": types[:2]})

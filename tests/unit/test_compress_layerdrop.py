@@ -218,7 +218,7 @@ def test_other_model_types_are_refused(tmp_path, kind):
         model = RobertaModel(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                            num_attention_heads=4, intermediate_size=64))
     model.save_pretrained(str(tmp_path / "teacher"))
-    with pytest.raises(ConfigError, match=f"is a {kind} model; compress supports bert and albert"):
+    with pytest.raises(ConfigError, match=f"is a {kind} model; compress supports bert, albert, modernbert"):
         drop_layers(tmp_path / "teacher", tmp_path / "out", strategy="top", num_drop=1)
 
 
@@ -251,3 +251,46 @@ def test_pruned_heads_record_follows_the_kept_layers(bert_mlm, demo_batches, tmp
     drop_layers(tmp_path / "pruned", tmp_path / "out", strategy="bottom", num_drop=2)
     after = json.loads((tmp_path / "out" / "config.json").read_text())["kompakt_pruned_heads"]
     assert {int(p): hs for p, hs in after.items()} == {p - 2: hs for p, hs in before.items() if p >= 2}
+
+
+@pytest.fixture(scope="module")
+def modernbert(tmp_path_factory, minilm_dir):
+    """4 layers, global every third: full, sliding, sliding, full; a 16-token window on 64-token rows."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = ModernBertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=128, local_attention=16,
+                           global_attn_every_n_layers=3, pad_token_id=0, cls_token_id=101, sep_token_id=102,
+                           bos_token_id=101, eos_token_id=102)
+    return save_tiny(tmp_path_factory.mktemp("modernbert"), ModernBertForMaskedLM(cfg), minilm_dir)
+
+
+@torch.no_grad()
+def test_modernbert_kept_layers_keep_their_attention_types(modernbert, demo_batches, tmp_path):
+    """Symmetric dropping keeps layers 0 and 3, both global: the folder states [full, full] (every-3 would make
+    layer 1 local) and computes what the teacher with layers 1 and 2 cut out by hand computes."""
+    info = drop_layers(modernbert, tmp_path / "s", strategy="symmetric", num_drop=2)
+    assert info["kept_layers"] == [0, 3] and info["layer_types"] == ["full_attention", "full_attention"]
+    student = load_clean(tmp_path / "s")
+    assert student.config.layer_types == ["full_attention", "full_attention"]
+    by_hand = load_clean(modernbert)
+    by_hand.model.layers = torch.nn.ModuleList([by_hand.model.layers[0], by_hand.model.layers[3]])
+    for b in demo_batches[:2]:
+        real = b["attention_mask"].bool()
+        got = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[real]
+        want = by_hand(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[real]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    top = drop_layers(modernbert, tmp_path / "t", strategy="top", num_drop=1)
+    assert load_clean(tmp_path / "t").config.layer_types == ["full_attention", "sliding_attention",
+                                                              "sliding_attention"], top
+
+
+def test_modernbert_layer_zero_stays(modernbert, demo_batches, tmp_path):
+    """Layer 0 has no attention norm, so no choice may drop it: bottom is refused, contribution skips it."""
+    with pytest.raises(ConfigError, match="drops layer 0 of ModernBERT teacher"):
+        drop_layers(modernbert, tmp_path / "b", strategy="bottom", num_drop=1)
+    assert not (tmp_path / "b").exists()
+    info = drop_layers(modernbert, tmp_path / "c", strategy="contribution", num_drop=3, batches=demo_batches)
+    assert info["kept_layers"] == [0] and len(info["scores"]["input_output_cosine"]) == 4
+    assert load_clean(tmp_path / "c").config.num_hidden_layers == 1

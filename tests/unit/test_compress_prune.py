@@ -71,10 +71,12 @@ def kill_heads(model, heads):
     """Zero the heads' value weights and biases: their context vectors and contributions are exactly 0."""
     bl = blocks(model)
     for p, hs in heads.items():
+        value, first = bl[p].qkv[2]
         for h in hs:
-            rows = slice(h * HEAD_SIZE, (h + 1) * HEAD_SIZE)
-            bl[p].value.weight[rows] = 0
-            bl[p].value.bias[rows] = 0
+            rows = slice(first + h * HEAD_SIZE, first + (h + 1) * HEAD_SIZE)
+            value.weight[rows] = 0
+            if value.bias is not None:
+                value.bias[rows] = 0
 
 
 @torch.no_grad()
@@ -150,7 +152,7 @@ def test_dead_heads_score_zero_and_are_pruned_without_changing_outputs(tmp_path,
     for p, hs in DEAD_HEADS.items():
         for h in hs:
             rows = slice(h * HEAD_SIZE, (h + 1) * HEAD_SIZE)
-            assert not bl[p].query.weight[rows].any() and not bl[p].key.weight[rows].any()
+            assert not bl[p].qkv[0][0].weight[rows].any() and not bl[p].qkv[1][0].weight[rows].any()
             assert not bl[p].attn_out.weight[:, rows].any()
     torch.testing.assert_close(hidden_states(tmp_path / "out", demo_batches),
                                hidden_states(teacher_dir, demo_batches), rtol=0, atol=1e-5)
@@ -185,6 +187,37 @@ def test_dead_neurons_are_pruned_without_changing_outputs(tmp_path, minilm_dir, 
     info = prune(teacher_dir, tmp_path / "out", ffn_fraction=0.25, batches=demo_batches)
     assert info["ffn_pruned_neurons"] == dead
     assert load_clean(tmp_path / "out", "AutoModel").config.intermediate_size == 48
+    torch.testing.assert_close(hidden_states(tmp_path / "out", demo_batches),
+                               hidden_states(teacher_dir, demo_batches), rtol=0, atol=1e-5)
+
+
+def make_modernbert(layers=4):
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = ModernBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
+                           intermediate_size=FFN, max_position_embeddings=128, local_attention=16,
+                           global_attn_every_n_layers=2, pad_token_id=0, cls_token_id=101, sep_token_id=102,
+                           bos_token_id=101, eos_token_id=102)
+    return ModernBertForMaskedLM(cfg).eval()
+
+
+def test_modernbert_dead_heads_and_neurons_go_without_changing_outputs(tmp_path, minilm_dir, demo_batches):
+    """ModernBERT's fused Wqkv (a head is rows in each third) and gated Wi (neuron j is rows j and F + j):
+    dead heads and neurons score 0, are the ones pruned, and the stock folder's outputs do not move."""
+    model = make_modernbert()
+    heads = {0: [1], 2: [3]}
+    kill_heads(model, heads)
+    dead = kill_neurons(model, 16)
+    teacher_dir = save(tmp_path / "teacher", model, minilm_dir)
+    scores = ffn_importance(load_teacher(teacher_dir).model, demo_batches)
+    assert all((scores[p, idx] == 0).all() and scores[p].count_nonzero() == FFN - 16 for p, idx in enumerate(dead))
+    info = prune(teacher_dir, tmp_path / "out", heads_fraction=2 / 16, ffn_fraction=0.25, batches=demo_batches)
+    assert {int(p): hs for p, hs in info["pruned_heads"].items() if hs} == heads
+    assert info["ffn_pruned_neurons"] == dead and info["head_loss"] == "mlm (15% of real tokens masked)"
+    assert info["params_zeroed"] == 2 * 4 * HEAD_SIZE * HIDDEN  # no biases in ModernBERT
+    student = load_clean(tmp_path / "out")
+    assert student.config.intermediate_size == 48 and student.model.layers[1].mlp.Wi.out_features == 96
     torch.testing.assert_close(hidden_states(tmp_path / "out", demo_batches),
                                hidden_states(teacher_dir, demo_batches), rtol=0, atol=1e-5)
 
@@ -244,7 +277,7 @@ def test_no_text_and_other_model_types(bert_dir, tmp_path):
 
     cfg = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
     DistilBertModel(cfg).save_pretrained(str(tmp_path / "distil"))
-    with pytest.raises(ConfigError, match="is a distilbert model; compress supports bert and albert"):
+    with pytest.raises(ConfigError, match="is a distilbert model; compress supports bert, albert, modernbert"):
         prune(tmp_path / "distil", tmp_path / "out", ffn_fraction=0.5, batches=[{}])
 
 
