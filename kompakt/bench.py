@@ -71,8 +71,11 @@ def infer(recipe: str, quick: bool) -> dict:
     return result
 
 
-def run(what: str, recipe: str, quick: bool = False, family: str = "bert") -> dict:
-    """Run one benchmark and return its figures (printed as a table on stderr by the stage code)."""
+def run(what: str, recipe: str, quick: bool = False, family: str = "bert", peak_flops: float | None = None) -> dict:
+    """Run one benchmark and return its figures (printed as a table on stderr by the stage code).
+
+    `peak_flops` (mfu only) replaces the GPU's data-sheet peak; given, mfu also runs on CPU (a test of its
+    arithmetic, not a measurement). Without a GPU or a peak, mfu raises a DeviceError before any stage runs."""
     if what == "data":
         from kompakt.data_prep.bench import dedup_rate
         from kompakt.tokenization.bench import pretokenize_throughput
@@ -86,6 +89,14 @@ def run(what: str, recipe: str, quick: bool = False, family: str = "bert") -> di
             prepared = err
         result = pretokenize_throughput(recipe, quick=quick, prepared=prepared)
         result["dedup"] = dedup_rate(recipe, quick=quick)
+    elif what == "mfu":
+        from kompakt.config import load_recipe
+        from kompakt.pipeline import Pipeline
+        from kompakt.pretrain.bench_model import mfu_device, mfu_throughput
+
+        mfu_device(peak_flops)  # refuse a CPU-only machine before building the tokenizer stage
+        rec = load_recipe(recipe)
+        result = mfu_throughput(rec, Pipeline(rec).ensure("tokenizer"), quick=quick, peak=peak_flops)
     elif what in ("model", "train", "families"):
         # The dispatcher resolves the upstream stages; the stage benchmarks only receive folders.
         from kompakt.config import load_recipe
@@ -117,12 +128,13 @@ def run(what: str, recipe: str, quick: bool = False, family: str = "bert") -> di
 
 
 # Every benchmark of `kompakt bench` (no argument), in this order: the cheap data figures first, serving last.
-SUITE = (("data", "bert"), ("model", "bert"), ("train", "bert"), ("train", "modernbert"), ("families", "bert"),
-         ("infer", "bert"), ("batch", "bert"), ("serve", "bert"))
+SUITE = (("data", "bert"), ("model", "bert"), ("mfu", "bert"), ("train", "bert"), ("train", "modernbert"),
+         ("families", "bert"), ("infer", "bert"), ("batch", "bert"), ("serve", "bert"))
 # What each benchmark's `ratio` compares (ours over the baseline measured in the same run).
 RATIO_OF = {
     "data": "pre-tokenisation MB/s over raw tokenizer.encode_batch",
     "model": "packed MLM training tokens/s over stock BertForMaskedLM on padded rows (ratio_concat: over concatenated rows)",
+    "mfu": "BERT-base (seq 512, bf16, GPU) training tokens/s, = MFU, over stock BertForMaskedLM's stronger feed",
     "train": "end-to-end pretraining tokens/s over the HF Trainer's fastest feed",
     "train-modernbert": "the same for ModernBERT against stock ModernBertForMaskedLM",
     "families": "held-out MLM loss at equal time: best of ALBERT / post-LN BERT over ModernBERT's (>1: ModernBERT ahead)",
@@ -132,14 +144,16 @@ RATIO_OF = {
 }
 
 
-def run_all(recipe: str, quick: bool = False, out: str | None = None, suite=SUITE) -> dict:
+def run_all(recipe: str, quick: bool = False, out: str | None = None, suite=SUITE,
+            peak_flops: float | None = None) -> dict:
     """Every benchmark in SUITE on one recipe; one failing benchmark is recorded with its error and the rest
-    still run. Writes bench.json (each result whole, plus device, versions, commit and date) and prints one
-    table of the ratios."""
+    still run, and one this machine cannot run (mfu without a GPU) as skipped, with the reason. Writes
+    bench.json (each result whole, plus device, versions, commit and date) and prints one table of the ratios."""
     import datetime
     import traceback
 
     from kompakt.config import load_recipe
+    from kompakt.errors import DeviceError
     from kompakt.log import info, table
     from kompakt.runs import write_json_atomic
 
@@ -149,7 +163,10 @@ def run_all(recipe: str, quick: bool = False, out: str | None = None, suite=SUIT
         t0 = time.perf_counter()
         info(f"bench: {key} ...")
         try:
-            results[key] = run(what, recipe=recipe, quick=quick, family=family)
+            results[key] = run(what, recipe=recipe, quick=quick, family=family, peak_flops=peak_flops)
+        except DeviceError as err:  # not a failure: this machine lacks what the benchmark measures against
+            results[key] = {"skipped": str(err)}
+            info(f"bench: {key} skipped: {err}")
         except Exception as err:  # recorded, not hidden: the table shows it and bench.json keeps the traceback
             results[key] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                             "traceback": traceback.format_exc(limit=5)}
@@ -166,7 +183,13 @@ def run_all(recipe: str, quick: bool = False, out: str | None = None, suite=SUIT
     write_json_atomic(path, summary)
     table(f"kompakt bench: {summary['device']}, {summary['date']}, commit {(summary['commit'] or '-')[:10]}",
           ["benchmark", "ratio", "what the ratio compares", "seconds"],
-          [(k, v.get("ratio", "-") if "error" not in v else f"failed: {v['error'][:60]}", RATIO_OF.get(k, ""),
-            v["seconds"]) for k, v in results.items()])
+          [(k, _ratio_cell(v), v.get("skipped") or RATIO_OF.get(k, ""), v["seconds"]) for k, v in results.items()])
     info(f"bench: wrote {path}")
     return summary
+
+
+def _ratio_cell(result: dict):
+    """The table's ratio column: the ratio, or why there is none."""
+    if "error" in result:
+        return f"failed: {result['error'][:60]}"
+    return "skipped" if "skipped" in result else result.get("ratio", "-")

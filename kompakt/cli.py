@@ -6,7 +6,7 @@
     kompakt export CHECKPOINT_DIR [--out DIR]      a training checkpoint as a Hugging Face folder
     kompakt run RECIPE [...]                       every stage the recipe has, in order
     kompakt validate RECIPE [...]                  check a recipe and print it resolved
-    kompakt bench data|model|train|infer|batch|serve [--json]  benchmarks, with ratios against a baseline
+    kompakt bench data|model|mfu|train|infer|batch|serve [--json]  benchmarks, with ratios against a baseline
     kompakt slurm submit RECIPE --stage STAGE ...  render the stage's sbatch jobs and submit them
     kompakt slurm status RUN                       a run's jobs and which of its stages are complete
     kompakt infer MODEL INPUTS... --out DIR        batch inference over a corpus into Parquet shards
@@ -35,6 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCHES = {
     "data": "pre-tokenisation MB/s against raw tokenizer.encode_batch, and dedup documents/s",
     "model": "packed MLM training tokens/s against stock BertForMaskedLM, padded and concatenated",
+    "mfu": "CUDA GPU only: model FLOPs utilisation of BERT-base training (sequence 512, bf16, AdamW), packed "
+           "against stock BertForMaskedLM on padded documents and concatenated rows, and GPU memory peaks",
     "train": "end-to-end pretraining tokens/s (loader + DeepSpeed + optimizer) against the HF Trainer, "
              "line-by-line and concatenated",
     "families": "held-out MLM loss at equal training time: the recipe's model (the demo's ALBERT), a post-LN BERT "
@@ -98,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="bert", choices=("bert", "modernbert"),
                    help="model, train: the family to compare with its stock transformers class (train: "
                         "bert means the recipe's own model; modernbert trains its sizes as a ModernBERT)")
+    p.add_argument("--peak-flops", type=float, default=None, metavar="FLOP/S",
+                   help="mfu: the device's peak FLOP/s (default: the GPU's bf16 data-sheet figure); given, mfu "
+                        "also runs on CPU, as a check of its arithmetic (with --quick), not a measurement")
 
     p = sub.add_parser("slurm", help="submit stages as Slurm jobs and follow them",
                        description="Renders slurm/templates with a cluster profile (slurm/clusters/*.env) and submits "
@@ -243,9 +248,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         # JSON object and send everything else to stderr.
         with contextlib.redirect_stdout(sys.stderr):
             if args.what is None:
-                result = bench.run_all(recipe=args.recipe, quick=args.quick, out=args.out)
+                result = bench.run_all(recipe=args.recipe, quick=args.quick, out=args.out, peak_flops=args.peak_flops)
             else:
-                result = bench.run(args.what, recipe=args.recipe, quick=args.quick, family=args.family)
+                result = bench.run(args.what, recipe=args.recipe, quick=args.quick, family=args.family,
+                                   peak_flops=args.peak_flops)
         if args.json:
             print(json.dumps(result, sort_keys=True))
         return 0

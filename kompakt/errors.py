@@ -16,3 +16,8 @@ class ConfigError(KompaktError):
 
 class DataError(KompaktError):
     """An input file that cannot be read as configured, or a corpus that ends up empty."""
+
+
+class DeviceError(KompaktError):
+    """This machine lacks what a command measures against (`kompakt bench mfu` without a CUDA GPU).
+    `kompakt bench` (every benchmark) records it as skipped, with this message as the reason."""
