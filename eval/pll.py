@@ -6,6 +6,11 @@ sample is comparable between models that share a tokenizer (a teacher and its st
 copies of a sentence go through the model in one batch: n forwards of one row each become one of n
 rows. No fine-tuning is involved, so it says whether pretraining or compression damaged the model
 before any task does.
+
+A Lattice-BERT (model_type lattice-bert) reads each masked copy as its lattice, as pretraining's masked
+segment prediction did: the characters, then the lexicon words found in them except those that cover the
+masked character (they would give it away); the masked character is scored among the characters (the word
+half of the output layer is left out).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ def pseudo_perplexity(folder: Path, texts: list[str], *, max_len: int = 64, max_
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    import kompakt
+
+    kompakt.register_hf()  # model_type lattice-bert
     tok = AutoTokenizer.from_pretrained(str(folder))
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -42,6 +50,11 @@ def pseudo_perplexity(folder: Path, texts: list[str], *, max_len: int = 64, max_
         model = AutoModelForMaskedLM.from_pretrained(str(folder)).eval()
     finally:
         hf_logging.set_verbosity(level)
+    lexicon = None
+    if model.config.model_type == "lattice-bert":
+        from kompakt.hf_lattice import folder_lexicon
+
+        lexicon = folder_lexicon(folder, model.config)
     total, count = 0.0, 0
     special = set(tok.all_special_ids)
     sample = [t for t in texts if t and t.strip()][:max_texts]
@@ -50,14 +63,29 @@ def pseudo_perplexity(folder: Path, texts: list[str], *, max_len: int = 64, max_
         positions = [i for i, t in enumerate(ids.tolist()) if t not in special]
         if not positions:
             continue
-        batch = ids.repeat(len(positions), 1)
         rows = torch.arange(len(positions))
         cols = torch.tensor(positions)
-        batch[rows, cols] = tok.mask_token_id
-        logp = torch.log_softmax(model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float(), -1)
+        if lexicon is None:
+            batch = ids.repeat(len(positions), 1)
+            batch[rows, cols] = tok.mask_token_id
+            logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()
+        else:
+            inputs = _masked_lattices(ids.tolist(), positions, lexicon, tok)
+            logits = model(**inputs).logits.float()[..., :model.config.vocab_size]
+        logp = torch.log_softmax(logits, -1)
         total += float(logp[rows, cols, ids[cols]].sum())
         count += len(positions)
     if count == 0:
         return None
     return {"pseudo_perplexity": math.exp(-total / count), "pll_per_token": total / count, "tokens": count,
             "texts": len(sample)}
+
+
+def _masked_lattices(ids: list[int], positions: list[int], lexicon, tok) -> dict:
+    """One padded lattice row per masked position: the row's characters with that one masked, and the lexicon
+    words that do not cover it (characters keep their positions, so `positions` index the rows as before)."""
+    from kompakt.hf_lattice import lattice_batch, lattice_of_row, mask_character
+
+    lat = lattice_of_row(ids, lexicon, cls_id=tok.cls_token_id, sep_id=tok.sep_token_id)
+    rows = [mask_character(lat, at, tok.mask_token_id) for at in positions]
+    return lattice_batch(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)

@@ -13,6 +13,9 @@ A task type supplies:
 - `collate(features, pad_id)`: a padded batch of tensors the head takes, with `labels` when present;
 - `predict(logits_batches, features, examples, labels)`: one prediction per example (label strings,
   floats, tag lists or answer strings), the form kompakt/eval's metrics read.
+
+For a Lattice-BERT, train.py wraps the task type in finetune/lattice.py's `LatticeTask`, which appends each
+feature's lexicon words after `encode` and pads their spans in `collate`; the task types stay as they are.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One fine-tuning job: a stock HF head on an exported model, trained on one task with one seed.
 
 Reads top to bottom: tokenizer and model (the task type's stock `AutoModelFor...` class), the
-tokenizer checked against the model's vocabulary, features, the job's training section (epochs x
+tokenizer checked against the model's vocabulary, features (a Lattice-BERT's with the lexicon words of
+their characters appended: kompakt/finetune/lattice.py), the job's training section (epochs x
 batches per epoch, linear warmup and decay), the shared loop (kompakt/loop.py: DeepSpeed engine,
 checkpoints, signals, metrics) with the dev loss evaluated every epoch and early stopping after
 `patience` epochs without improvement, the best epoch's weights restored, predictions on dev and test.
@@ -30,6 +31,9 @@ def load_model(model_dir: Path, kind, labels: list[str]):
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    import kompakt
+
+    kompakt.register_hf()  # a Lattice-BERT folder (model_type lattice-bert) loads through the same Auto classes
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception:
@@ -137,7 +141,10 @@ def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[s
     """
     from kompakt import checkpoint, dist
 
+    from kompakt.finetune import lattice
+
     if task.type == "retrieval":
+        lattice.check_task(task, model_dir)
         if distill is not None:
             from kompakt.errors import ConfigError
 
@@ -150,6 +157,7 @@ def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[s
     kind = task_type(task.type)
     checkpoint.seed_everything(seed)
     tokenizer, model = load_model(model_dir, kind, labels)
+    kind = lattice.for_model(kind, model, model_dir, tokenizer)  # a Lattice-BERT's features carry the words
     label2id = {l: i for i, l in enumerate(labels)}
     cfg = task.train
     train_rows = splits["train"] + list((distill or {}).get("extra") or [])
@@ -207,7 +215,7 @@ def run_job(model_dir: Path, task, splits: dict[str, list[dict]], labels: list[s
     preds = {name: predict(final, kind, enc[name], splits[name], labels, cfg.batch_size, pad_id, device)
              for name in ("dev", "test")}
     if keep_dir is not None:
-        save_model(copy.deepcopy(final).cpu(), tokenizer, keep_dir)
+        save_model(copy.deepcopy(final).cpu(), tokenizer, keep_dir, extra_files=lattice.folder_files(kind, model_dir))
     info(f"finetune: {task.name} seed {seed}: {fit['steps']} steps of {fit['max_steps']}, best dev loss "
          f"{fit['dev_loss']:.4f} at step {fit['best_step']}")
     return {"stopped": "done", **fit["figures"], "predictions": preds, "train_examples": len(splits["train"]),
@@ -258,8 +266,9 @@ def train_early_stopping(model, loader, dev_batches: list[dict], step_fn, cfg, *
     return {"stopped": "done", "model": final, "device": einfo.device, **figures, "figures": figures}
 
 
-def save_model(model, tokenizer, out: Path) -> None:
-    """An ordinary HF folder (config with id2label/label2id, safetensors, tokenizer), written then renamed."""
+def save_model(model, tokenizer, out: Path, extra_files: list[Path] = ()) -> None:
+    """An ordinary HF folder (config with id2label/label2id, safetensors, tokenizer, and `extra_files` such as a
+    Lattice-BERT's lexicon.txt), written then renamed."""
     import shutil
 
     tmp = out.with_name(out.name + ".tmp")
@@ -267,6 +276,8 @@ def save_model(model, tokenizer, out: Path) -> None:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    for f in extra_files:
+        shutil.copy2(f, tmp / Path(f).name)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

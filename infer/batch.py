@@ -442,14 +442,19 @@ def run_ray(args, inputs: list[Path], out: Path) -> None:
 def main(args) -> int:
     """The `kompakt infer` command (see kompakt/cli.py for its options)."""
     if args.export_onnx:
+        from kompakt.hf_lattice import is_lattice_folder
         from kompakt.infer.runtime import folder_task
         from kompakt.onnx_export import export_task_onnx
 
         folder = Path(args.model)
-        head = args.task if args.task in ("classify", "tokens") else (folder_task(folder) if args.task is None else None)
-        report = export_task_onnx(folder, head=head)
-        info(f"infer: wrote {', '.join(report.get('files', []))} into {folder} "
-             f"(fp32 ONNX within {report.get('max_abs_diff_fp32', float('nan')):.2g} of torch)")
+        if is_lattice_folder(folder):
+            info(f"infer: --export-onnx skipped: ONNX export does not support Lattice-BERT ({folder}: its graph would "
+                 "lack the lattice_start/lattice_end inputs); inference runs the torch model")
+        else:
+            head = args.task if args.task in ("classify", "tokens") else (folder_task(folder) if args.task is None else None)
+            report = export_task_onnx(folder, head=head)
+            info(f"infer: wrote {', '.join(report.get('files', []))} into {folder} "
+                 f"(fp32 ONNX within {report.get('max_abs_diff_fp32', float('nan')):.2g} of torch)")
         if not args.inputs:
             return 0
     if args.out is None:

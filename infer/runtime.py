@@ -16,6 +16,11 @@ task (`model_int8.onnx` first, then `model.onnx`: `logits` for a task head, `las
 embeddings) is used, else torch fp32. Batches are length-bucketed (texts sorted by token count, cut into
 batches of at most `batch_tokens` padded tokens and MAX_PADDING padding), so almost no padding is computed, under
 `torch.inference_mode`.
+
+A Lattice-BERT folder (model_type lattice-bert) runs in torch only: each row gets the lexicon words of its
+characters appended, as fine-tuning fed them (kompakt/finetune/lattice.py), up to max_length tokens in all;
+outputs are read on the characters. Its ONNX files would lack the lattice inputs, so `auto` skips them (logged)
+and `onnx`/`onnx-int8` are refused.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ class Predictor:
             raise DataError(f"{self.folder}: the tokenizer is not a fast (tokenizer.json) one; re-save it")
         with open(self.folder / "config.json", encoding="utf-8") as f:
             self.config = json.load(f)
+        self.lattice = self.config.get("model_type") == "lattice-bert"
         limit = self.config.get("max_position_embeddings") or 512
         self.max_length = min(max_length or limit, limit)
         id2label = self.config.get("id2label") or {}
@@ -135,6 +141,15 @@ class Predictor:
         return ("logits" in outputs) if self.task != "embed" else ("last_hidden_state" in outputs)
 
     def _pick_runtime(self, runtime: str) -> str:
+        if self.lattice:
+            if runtime.startswith("onnx"):
+                raise ConfigError(f"{self.folder}: --runtime {runtime}: ONNX does not support Lattice-BERT (its graph has "
+                                  "no lattice_start/lattice_end inputs); use --runtime torch")
+            if runtime == "auto" and any((self.folder / f).is_file() for f in ONNX_FILES.values()):
+                from kompakt.log import info
+
+                info(f"infer: {self.folder}: ONNX files skipped, ONNX does not support Lattice-BERT; running torch")
+            return "torch"
         if runtime != "auto":
             if runtime.startswith("onnx"):
                 path = self.folder / ONNX_FILES[runtime]
@@ -159,6 +174,9 @@ class Predictor:
 
         cls = {"classify": AutoModelForSequenceClassification, "tokens": AutoModelForTokenClassification,
                "embed": AutoModel}[self.task]
+        import kompakt
+
+        kompakt.register_hf()  # model_type lattice-bert
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         try:
@@ -167,6 +185,10 @@ class Predictor:
             raise DataError(f"{self.folder}: stock transformers cannot load it "
                             f"({str(err).splitlines()[0][:160]})") from None
         self.model.to(self.device).eval()
+        if self.lattice:
+            from kompakt.hf_lattice import folder_lexicon
+
+            self.lexicon = folder_lexicon(self.folder, self.model.config)
         import inspect
 
         params = inspect.signature(self.model.forward).parameters
@@ -232,6 +254,8 @@ class Predictor:
             arr[r, :len(row)] = row
             mask[r, :len(row)] = 1
         feeds = {"input_ids": arr, "attention_mask": mask, "token_type_ids": np.zeros_like(arr)}
+        if self.lattice:
+            return self._forward_lattice(ids, width)
         if self.runtime.startswith("onnx"):
             return self.session.run([self._output], {n: feeds[n] for n in self._input_names})[0].astype(np.float32)
         kw = {n: torch.from_numpy(feeds[n]).to(self.device) for n in self._input_names}
@@ -239,6 +263,20 @@ class Predictor:
             out = self.model(**kw)
         res = out.logits if self.task != "embed" else out.last_hidden_state
         return res.float().cpu().numpy()
+
+    def _forward_lattice(self, ids: list[list[int]], width: int) -> np.ndarray:
+        """`forward` of a Lattice-BERT: the rows' lattices (words appended, max_length tokens in all), outputs
+        of the character positions only (the first `width`), so callers read them as for any model."""
+        from kompakt.hf_lattice import lattice_batch, lattice_of_row
+
+        tok = self.tokenizer
+        lattices = [lattice_of_row(row, self.lexicon, cls_id=tok.cls_token_id, sep_id=tok.sep_token_id,
+                                   max_len=max(self.max_length, len(row))) for row in ids]
+        kw = {k: v.to(self.device) for k, v in lattice_batch(lattices, self.pad_id).items()}
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model(**kw)
+        res = out.logits if self.task != "embed" else out.last_hidden_state
+        return (res if res.dim() == 2 else res[:, :width]).float().cpu().numpy()
 
     def predict_encoded(self, enc: Encoded, rows: list[int] | None = None) -> list[dict]:
         """Outputs for rows of `enc` (default all), in their order; every row must fit max_length."""

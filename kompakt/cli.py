@@ -291,9 +291,7 @@ def _run_summary(done: dict, recipe) -> None:
     """The end of `kompakt run`: the pretrained model's fill-mask against a unigram guess, and where the report is."""
     from kompakt.log import info
 
-    if recipe.model is not None and recipe.model.family == "lattice":
-        info("fill-mask: not shown for Lattice-BERT (its inputs need the word lattice)")
-    elif done.get("pretrain") is not None and done.get("tokenizer") is not None:
+    if done.get("pretrain") is not None and done.get("tokenizer") is not None:
         from kompakt.fill_mask import fill_mask_check
 
         fill_mask_check(done["pretrain"] / "export", done["tokenizer"])

@@ -8,6 +8,10 @@ the training shards (the five most frequent for top-5), and for the loss the tra
 (top-5 accuracies are reported beside them). A model that
 learnt nothing but word frequencies ties the unigram; one that reads context beats it. A few sentences are
 shown with the model's top 3.
+
+A Lattice-BERT (model_type lattice-bert) reads each sentence as its lattice: the characters, then the
+lexicon words found in them, except the words that cover the masked character (they would give it away);
+its guess is the best character (the word half of its output layer is left out).
 """
 
 from __future__ import annotations
@@ -46,6 +50,33 @@ def _positions(shards: TokenShards, tokenizer, limit: int) -> list[tuple[list[in
     return out
 
 
+def _plain_rows(chunk, cls: int, sep: int, mask: int, pad: int) -> dict:
+    """`[CLS] sentence [SEP]` rows with the chosen token masked, padded."""
+    width = max(len(ids) for ids, _ in chunk) + 2
+    x = torch.full((len(chunk), width), pad, dtype=torch.long)
+    att = torch.zeros_like(x)
+    for r, (ids, pos) in enumerate(chunk):
+        row = [cls, *ids, sep]
+        row[pos + 1] = mask
+        x[r, :len(row)] = torch.tensor(row)
+        att[r, :len(row)] = 1
+    return {"input_ids": x, "attention_mask": att}
+
+
+def _lattice_rows(model_dir: Path, model):
+    """A row builder for Lattice-BERT: each sentence's lattice, its masked character's covering words left out."""
+    from kompakt.hf_lattice import folder_lexicon, lattice_batch, mask_character
+    from kompakt.lattice_inputs import build_lattice
+
+    lexicon = folder_lexicon(model_dir, model.config)
+
+    def rows(chunk, cls: int, sep: int, mask: int, pad: int) -> dict:
+        # pos + 1: the masked character's position in the row, after [CLS]
+        return lattice_batch([mask_character(build_lattice([ids], lexicon, cls_id=cls, sep_id=sep), pos + 1, mask)
+                              for ids, pos in chunk], pad)
+    return rows
+
+
 def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 300, num_show: int = 4) -> dict | None:
     """Top-1 accuracy and cross-entropy of the MLM at masked held-out words against the unigram guess; prints
     a table and returns the figures (None when the tokenizer stage has no held-out shards)."""
@@ -66,7 +97,11 @@ def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 30
              if i not in special and tokenizer.convert_ids_to_tokens(i).isalpha()]
     guess = words[0]
     log_unigram = np.log((counts + 1) / (counts.sum() + len(counts)))
+    import kompakt
+
+    kompakt.register_hf()  # a Lattice-BERT folder (model_type lattice-bert) loads through the Auto classes
     model = load_stock(AutoModelForMaskedLM, model_dir)
+    rows_of = _lattice_rows(model_dir, model) if model.config.model_type == "lattice-bert" else _plain_rows
     cases = _positions(held, tokenizer, num_positions)
     if not cases:
         return None
@@ -75,15 +110,8 @@ def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 30
     with torch.inference_mode():
         for k in range(0, len(cases), 32):
             chunk = cases[k:k + 32]
-            width = max(len(ids) for ids, _ in chunk) + 2
-            x = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            att = torch.zeros_like(x)
-            for r, (ids, pos) in enumerate(chunk):
-                row = [cls, *ids, sep]
-                row[pos + 1] = mask
-                x[r, :len(row)] = torch.tensor(row)
-                att[r, :len(row)] = 1
-            logits = model(input_ids=x, attention_mask=att).logits.float()
+            batch = rows_of(chunk, cls, sep, mask, tokenizer.pad_token_id)
+            logits = model(**batch).logits.float()[..., :len(counts)]  # lattice: characters only
             for r, (ids, pos) in enumerate(chunk):
                 logp = torch.log_softmax(logits[r, pos + 1], -1)
                 top = logp.topk(5).indices.tolist()

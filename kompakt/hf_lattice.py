@@ -1,6 +1,8 @@
-"""Lattice-BERT as Hugging Face classes: `LatticeBertConfig`, `LatticeBertModel`, `LatticeBertForMaskedLM`.
+"""Lattice-BERT as Hugging Face classes: `LatticeBertConfig`, `LatticeBertModel`, `LatticeBertForMaskedLM`,
+`LatticeBertForSequenceClassification` and `LatticeBertForTokenClassification`.
 
-`kompakt.register_hf()` (or `register()` here) registers them with `AutoConfig`, `AutoModel` and `AutoModelForMaskedLM` under
+`kompakt.register_hf()` (or `register()` here) registers them with `AutoConfig`, `AutoModel`,
+`AutoModelForMaskedLM`, `AutoModelForSequenceClassification` and `AutoModelForTokenClassification` under
 `model_type = "lattice-bert"`, so an exported folder loads with `AutoModel.from_pretrained(folder)`
 and no remote code. The classes wrap the packed encoder of kompakt/models/lattice.py: a padded
 batch is packed (padding removed), run, and scattered back, so the hidden states equal the packed
@@ -10,7 +12,7 @@ Inputs (a padded HF-style batch, B rows of L tokens):
 
 - `input_ids` (B, L): `[CLS] characters [SEP] (characters [SEP]) words`, then padding. Characters
   use the tokenizer's ids; word k of the tokenizer's `lexicon.txt` has id `config.vocab_size + k`.
-  `kompakt.pretrain.lattice.build_lattice` builds a row from character ids and a `Lexicon`.
+  `kompakt.lattice_inputs.build_lattice` builds a row from character ids and a `Lexicon`.
 - `attention_mask` (B, L): 1 on real tokens, 0 on padding (the real tokens of a row must be contiguous).
 - `lattice_start`, `lattice_end` (B, L): the span of each token in character positions of its row
   (a character or [CLS]/[SEP] at position i has (i, i), a word over positions i..j has (i, j)).
@@ -18,7 +20,12 @@ Inputs (a padded HF-style batch, B rows of L tokens):
 - `token_type_ids` (B, L): 0 for the first segment and its words, 1 for the second (default zeros).
 
 Outputs: `last_hidden_state` (B, L, D), zero on padding; `LatticeBertForMaskedLM` adds `logits`
-(B, L, vocab_size + words) and, with `labels` (-100 = ignore), the cross-entropy `loss`.
+(B, L, vocab_size + words) and, with `labels` (-100 = ignore), the cross-entropy `loss`. The task heads
+follow stock BERT's: sequence classification pools [CLS] (dense + tanh), token classification gives
+`logits` (B, L, num_labels) on every token, words included (fine-tuning labels words -100).
+
+From a tokenizer's rows to these inputs: `folder_lexicon` reads a folder's lexicon, `lattice_of_row` appends
+the words of one encoded row `[CLS] A [SEP] (B [SEP])` and `lattice_batch` pads rows into a batch.
 """
 
 from __future__ import annotations
@@ -26,12 +33,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel)
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification, PretrainedConfig, PreTrainedModel)
+from transformers.modeling_outputs import (BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput,
+                                           TokenClassifierOutput)
 
 from kompakt.errors import DataError
+from kompakt.lattice_inputs import LatticeExample, Lexicon, build_lattice, read_lexicon
 from kompakt.model_config import LatticeConfig, ModelConfig
 from kompakt.models import lattice
 from kompakt.models.bert import BertOnlyMLMHead
@@ -107,6 +118,9 @@ class LatticeBertPreTrainedModel(PreTrainedModel):
     config: LatticeBertConfig
     config_class = LatticeBertConfig
     base_model_prefix = "lattice_bert"
+    # Attention is always torch's SDPA (kompakt/models/packing.py), so `attn_implementation="sdpa"` is honest
+    # and the stock loaders that pass it (finetune, infer) work; there is no other implementation to pick.
+    _supports_sdpa = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -210,14 +224,169 @@ class LatticeBertForMaskedLM(LatticeBertPreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits_BLV, hidden_states=(hidden_BLD,))
 
 
+class LatticeBertForSequenceClassification(LatticeBertPreTrainedModel):
+    """Lattice-BERT with stock BERT's sequence head: [CLS] -> dense + tanh (the pooler) -> dropout -> linear.
+
+    The pooler is new (the MLM export has none, as stock BertForMaskedLM has none), so it and the classifier
+    are the only weights initialised when loading a pretrained folder. `loss` follows `config.problem_type`
+    as BertForSequenceClassification's does (MSE for regression, cross-entropy, BCE for multi-label).
+    """
+
+    def __init__(self, config: LatticeBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.lattice_bert = LatticeBertModel(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                lattice_start: torch.Tensor | None = None, lattice_end: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_dict: bool | None = None, **kwargs) -> SequenceClassifierOutput | tuple:
+        """`logits` (B, num_labels) from the [CLS] row (position 0); `loss` when `labels` (B,) are given."""
+        hidden_BLD = self.lattice_bert(input_ids, attention_mask, lattice_start, lattice_end,
+                                       token_type_ids).last_hidden_state
+        pooled_BD = torch.tanh(self.pooler(hidden_BLD[:, 0]))
+        logits_BC = self.classifier(self.dropout(pooled_BD))
+        loss = None
+        if labels is not None:
+            loss = _sequence_loss(self.config, logits_BC, labels)
+        if return_dict is False:
+            return (logits_BC,) if loss is None else (loss, logits_BC)
+        return SequenceClassifierOutput(loss=loss, logits=logits_BC, hidden_states=(hidden_BLD,))
+
+
+class LatticeBertForTokenClassification(LatticeBertPreTrainedModel):
+    """Lattice-BERT with stock BERT's token head: dropout -> linear on every token (characters and words)."""
+
+    def __init__(self, config: LatticeBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.lattice_bert = LatticeBertModel(config)
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                lattice_start: torch.Tensor | None = None, lattice_end: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_dict: bool | None = None, **kwargs) -> TokenClassifierOutput | tuple:
+        """`logits` (B, L, num_labels); `loss`: cross-entropy over `labels` (B, L) != -100 when given."""
+        hidden_BLD = self.lattice_bert(input_ids, attention_mask, lattice_start, lattice_end,
+                                       token_type_ids).last_hidden_state
+        logits_BLC = self.classifier(self.dropout(hidden_BLD))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits_BLC.flatten(0, 1).float(), labels.flatten(),
+                                               ignore_index=-100)
+        if return_dict is False:
+            return (logits_BLC,) if loss is None else (loss, logits_BLC)
+        return TokenClassifierOutput(loss=loss, logits=logits_BLC, hidden_states=(hidden_BLD,))
+
+
+def _classifier_dropout(config: LatticeBertConfig) -> float:
+    """`classifier_dropout` when the config sets it, else `hidden_dropout_prob` (stock BERT's rule)."""
+    p = getattr(config, "classifier_dropout", None)
+    return config.hidden_dropout_prob if p is None else p
+
+
+def _sequence_loss(config: LatticeBertConfig, logits_BC: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BertForSequenceClassification's loss: the problem type from the config, else from labels' dtype."""
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        return nn.functional.mse_loss(logits_BC.float().squeeze(-1) if config.num_labels == 1 else logits_BC.float(),
+                                      labels.float().view(-1) if config.num_labels == 1 else labels.float())
+    if config.problem_type == "single_label_classification":
+        return nn.functional.cross_entropy(logits_BC.float().view(-1, config.num_labels), labels.view(-1))
+    return nn.functional.binary_cross_entropy_with_logits(logits_BC.float(), labels.float())
+
+
 def register() -> None:
-    """Make `AutoConfig`/`AutoModel`/`AutoModelForMaskedLM` know "lattice-bert" (idempotent)."""
+    """Make `AutoConfig`, `AutoModel` and the MLM, sequence and token classification Auto classes know
+    "lattice-bert" (idempotent)."""
     try:
         AutoConfig.register(MODEL_TYPE, LatticeBertConfig)
     except ValueError:
         return  # already registered by an earlier import
     AutoModel.register(LatticeBertConfig, LatticeBertModel)
     AutoModelForMaskedLM.register(LatticeBertConfig, LatticeBertForMaskedLM)
+    AutoModelForSequenceClassification.register(LatticeBertConfig, LatticeBertForSequenceClassification)
+    AutoModelForTokenClassification.register(LatticeBertConfig, LatticeBertForTokenClassification)
+
+
+def is_lattice_folder(folder: str | Path) -> bool:
+    """Whether a model folder's config.json says model_type "lattice-bert" (False without a readable one)."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError):
+        return False
+
+
+def folder_lexicon(folder: str | Path, config: LatticeBertConfig) -> Lexicon:
+    """The `Lexicon` of an exported Lattice-BERT folder: characters from its tokenizer.json, word k of its
+    lexicon.txt with id config.vocab_size + k (as pretraining numbered them)."""
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    for name in ("tokenizer.json", "lexicon.txt"):
+        if not (folder / name).is_file():
+            raise DataError(f"{folder / name} does not exist; a Lattice-BERT folder needs its tokenizer and the "
+                            "lexicon.txt it was pretrained with (kompakt's export copies both)")
+    vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab()
+    return Lexicon.from_words(read_lexicon(folder / "lexicon.txt"), vocab, first_word_id=config.vocab_size,
+                              max_word_len=config.max_word_len)
+
+
+def lattice_of_row(input_ids, lexicon: Lexicon, *, cls_id: int, sep_id: int,
+                   max_len: int | None = None) -> LatticeExample:
+    """The lattice of one encoded row `[CLS] A [SEP]` or `[CLS] A [SEP] B [SEP]` (a tokenizer's output):
+    the row unchanged, then the lexicon words of each segment, as pretraining builds them (`build_lattice`).
+
+    With `max_len`, words beyond max_len tokens in all are dropped from the end (the row must fit already).
+    """
+    ids = [int(i) for i in input_ids]
+    seps = [k for k, i in enumerate(ids) if i == sep_id]
+    if not ids or ids[0] != cls_id or not seps or seps[-1] != len(ids) - 1 or len(seps) > 2:
+        raise DataError(f"a Lattice-BERT row must be [CLS] A [SEP] (B [SEP]), this one has {len(seps)} [SEP] and "
+                        f"starts with id {ids[0] if ids else None}; encode with the model folder's own tokenizer")
+    bounds = [0, *seps]
+    segments = [ids[a + 1:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    lat = build_lattice(segments, lexicon, cls_id=cls_id, sep_id=sep_id, max_len=max_len)
+    assert lat.input_ids[:lat.num_chars].tolist() == ids, "build_lattice keeps the row's characters as they are"
+    return lat
+
+
+def mask_character(lat: LatticeExample, at: int, mask_id: int) -> LatticeExample:
+    """`lat` with the character at row position `at` masked and the words that cover it left out (they would give
+    it away); the characters keep their positions. Fill-mask and pseudo-perplexity read lattices this way."""
+    keep = (np.arange(len(lat)) < lat.num_chars) | (lat.lattice_start > at) | (lat.lattice_end < at)
+    x = lat.input_ids[keep].copy()
+    x[at] = mask_id
+    return LatticeExample(x, lat.lattice_start[keep], lat.lattice_end[keep], lat.token_type_ids[keep], lat.num_chars)
+
+
+def lattice_batch(lattices: list[LatticeExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Padded (B, L) `input_ids`, `attention_mask`, `lattice_start`, `lattice_end`, `token_type_ids`."""
+    width = max(len(lat) for lat in lattices)
+    out = {k: torch.zeros(len(lattices), width, dtype=torch.long)
+           for k in ("input_ids", "attention_mask", "lattice_start", "lattice_end", "token_type_ids")}
+    out["input_ids"].fill_(pad_id)
+    for r, lat in enumerate(lattices):
+        n = len(lat)
+        for key in ("input_ids", "lattice_start", "lattice_end", "token_type_ids"):
+            out[key][r, :n] = torch.from_numpy(np.asarray(getattr(lat, key), dtype=np.int64))
+        out["attention_mask"][r, :n] = 1
+    return out
 
 
 def to_hf_model(model: lattice.LatticeBertForPreTraining) -> LatticeBertForMaskedLM:
@@ -256,7 +425,7 @@ Load it after `import kompakt; kompakt.register_hf()` (it registers `model_type=
 Inputs, per padded row: `input_ids` = [CLS] characters [SEP] then the lexicon words found in the
 characters (word k of `lexicon.txt` has id {vocab_size} + k), `attention_mask`, `lattice_start` and
 `lattice_end` (each token's first and last character position in the row; [CLS]/[SEP] and characters
-use their own position), `token_type_ids`. Build rows with `kompakt.pretrain.lattice.build_lattice`.
+use their own position), `token_type_ids`. Build rows with `kompakt.lattice_inputs.build_lattice`.
 
 Sizes: {num_layers} layers, hidden {hidden}, {heads} heads, {vocab_size} characters + {num_words} words,
 relative distances clipped at {max_rel}.

@@ -63,10 +63,13 @@ def self_attention(x_TD: torch.Tensor, query: nn.Linear, key: nn.Linear, value: 
     With `tap` (a dict) the projected queries, keys and values are kept in it as `qkv` (T, 3, H, K):
     distillation's attention and relation losses read them (kompakt/compress)."""
     T, D = x_TD.shape
-    # One (D, 3D) matmul and one scatter instead of three; the weights stay HF's separate parameters.
-    w_3DD = torch.cat([query.weight, key.weight, value.weight])
-    b_3D = torch.cat([query.bias, key.bias, value.bias])
-    qkv_T3HK = F.linear(x_TD, w_3DD, b_3D).view(T, 3, num_heads, D // num_heads)
+    if isinstance(query.weight, torch.Tensor):
+        # One (D, 3D) matmul and one scatter instead of three; the weights stay HF's separate parameters.
+        w_3DD = torch.cat([query.weight, key.weight, value.weight])
+        b_3D = torch.cat([query.bias, key.bias, value.bias])
+        qkv_T3HK = F.linear(x_TD, w_3DD, b_3D).view(T, 3, num_heads, D // num_heads)
+    else:  # dynamically quantized int8 linears (torch.ao), whose packed weights do not concatenate
+        qkv_T3HK = torch.stack([query(x_TD), key(x_TD), value(x_TD)], 1).view(T, 3, num_heads, D // num_heads)
     if tap is not None:
         tap["qkv"] = qkv_T3HK
     return attend_qkv(qkv_T3HK, plan, dropout_p).reshape(T, D)

@@ -125,6 +125,11 @@ def _recipe(tmp_path: Path) -> Path:
     pre["data"].update(tokens_per_micro_batch=512, global_batch_tokens=512, prefetch=0, num_workers=1)
     pre["optim"].update(name="adamw", lr=2e-3)
     pre["schedule"].update(warmup_steps=2)
+    # Compression of a Lattice-BERT teacher: layer dropping by contribution (scored on packed lattice rows) and
+    # torch int8 of the result.
+    recipe["compress"] = {"teacher": "pretrain", "heldout_examples": 16, "measure_speed": False, "students": [
+        {"name": "drop", "method": "layer_drop", "strategy": "contribution", "num_drop": 1},
+        {"name": "drop-int8", "method": "quantize", "source": "drop", "backend": "torch"}]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
     return path
@@ -134,13 +139,17 @@ def test_lattice_pipeline_end_to_end(tmp_path, capfd):
     recipe = _recipe(tmp_path)
     assert main(["run", str(recipe)]) == 0
     # The logged masked sample shows lattice words by their text, not as None.
-    sample = capfd.readouterr().err.split("first masked sample:")[1].splitlines()[1]
+    err = capfd.readouterr().err
+    sample = err.split("first masked sample:")[1].splitlines()[1]
+    # kompakt run ends with fill-mask on held-out characters through the lattice (covering words left out).
+    assert "held-out words: model top-1" in err and "the unigram guess" in err, err[-2000:]
     assert "None" not in sample and any(len(t) > 1 and "[" not in t for t in sample.split()), sample
     runs = tmp_path / "runs"
     [prep] = sorted(runs.glob("prepare-*"))
     [tok] = sorted(runs.glob("tokenizer-*"))
     [pre] = sorted(runs.glob("pretrain-*"))
-    for d in (prep, tok, pre):
+    [comp] = sorted(runs.glob("compress-*"))
+    for d in (prep, tok, pre, comp):
         assert read_manifest(d)["complete"] is True, d
 
     # prepare keeps (almost) every short Chinese document: langid and the length filters fit Chinese.
@@ -200,3 +209,21 @@ def test_lattice_pipeline_end_to_end(tmp_path, capfd):
                     lattice_end=pad("lattice_end"), token_type_ids=pad("token_type_ids"))
     hidden = out.last_hidden_state
     assert hidden.shape == (2, width, model.config.hidden_size) and torch.isfinite(hidden).all()
+
+    # compress: the dropped student is a Lattice-BERT folder of one layer with the lexicon beside it, the same
+    # outputs as the teacher's first layer alone; int8 agrees with it on held-out text.
+    students = read_manifest(comp)["students"]
+    drop_dir = comp / "students" / "drop"
+    assert students["drop"]["figures"]["kept_layers"] in ([0], [1])
+    assert (drop_dir / "lexicon.txt").is_file() and (comp / "students" / "drop-int8" / "lexicon.txt").is_file()
+    dropped = AutoModel.from_pretrained(drop_dir).eval()
+    assert dropped.config.num_hidden_layers == 1 and len(dropped.lattice.encoder.layer) == 1
+    by_hand = AutoModel.from_pretrained(export).eval()
+    kept = students["drop"]["figures"]["kept_layers"][0]
+    by_hand.lattice.encoder.layer = torch.nn.ModuleList([by_hand.lattice.encoder.layer[kept]])
+    inputs = dict(input_ids=pad("input_ids"), attention_mask=mask, lattice_start=pad("lattice_start"),
+                  lattice_end=pad("lattice_end"), token_type_ids=pad("token_type_ids"))
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(**inputs).last_hidden_state, by_hand(**inputs).last_hidden_state)
+    agree = students["drop-int8"]["figures"]["agreement"]
+    assert agree["argmax_agreement"] >= 0.9, agree
