@@ -250,12 +250,8 @@ class LatticeBertForSequenceClassification(LatticeBertPreTrainedModel):
                                        token_type_ids).last_hidden_state
         pooled_BD = torch.tanh(self.pooler(hidden_BLD[:, 0]))
         logits_BC = self.classifier(self.dropout(pooled_BD))
-        loss = None
-        if labels is not None:
-            loss = _sequence_loss(self.config, logits_BC, labels)
-        if return_dict is False:
-            return (logits_BC,) if loss is None else (loss, logits_BC)
-        return SequenceClassifierOutput(loss=loss, logits=logits_BC, hidden_states=(hidden_BLD,))
+        loss = None if labels is None else _sequence_loss(self.config, logits_BC, labels)
+        return _head_output(SequenceClassifierOutput, loss, logits_BC, hidden_BLD, return_dict)
 
 
 class LatticeBertForTokenClassification(LatticeBertPreTrainedModel):
@@ -277,13 +273,17 @@ class LatticeBertForTokenClassification(LatticeBertPreTrainedModel):
         hidden_BLD = self.lattice_bert(input_ids, attention_mask, lattice_start, lattice_end,
                                        token_type_ids).last_hidden_state
         logits_BLC = self.classifier(self.dropout(hidden_BLD))
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits_BLC.flatten(0, 1).float(), labels.flatten(),
-                                               ignore_index=-100)
-        if return_dict is False:
-            return (logits_BLC,) if loss is None else (loss, logits_BLC)
-        return TokenClassifierOutput(loss=loss, logits=logits_BLC, hidden_states=(hidden_BLD,))
+        loss = None if labels is None else nn.functional.cross_entropy(
+            logits_BLC.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return _head_output(TokenClassifierOutput, loss, logits_BLC, hidden_BLD, return_dict)
+
+
+def _head_output(output_cls, loss, logits: torch.Tensor, hidden_BLD: torch.Tensor, return_dict: bool | None):
+    """A task head's output as stock heads give it: a tuple (loss first when there is one) with
+    return_dict=False, else `output_cls` with the final hidden states."""
+    if return_dict is False:
+        return (logits,) if loss is None else (loss, logits)
+    return output_cls(loss=loss, logits=logits, hidden_states=(hidden_BLD,))
 
 
 def _classifier_dropout(config: LatticeBertConfig) -> float:

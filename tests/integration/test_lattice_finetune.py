@@ -23,13 +23,7 @@ MAX_SEQ_LEN = 64  # characters of a sentence cut to 62; words fill what is left
 TRAIN = {"sentiment": 400, "pos": 300}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread; two threads on a loaded 2-core machine run 10x slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

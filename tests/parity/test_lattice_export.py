@@ -22,13 +22,7 @@ CLS, SEP = 1, 2
 SENTENCES = ("研究生命起源", "中国人民银行今天发布了新的研究报告")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread avoids threads waiting on each other on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

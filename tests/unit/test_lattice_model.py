@@ -11,14 +11,7 @@ from kompakt.models.lattice import LatticeBertModel, LatticePositionBias
 CLS, SEP = 1, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded 2-core machine two threads made a
-    training step about 100x slower (1 s instead of 9 ms) from waiting on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def config(**kw) -> ModelConfig:
