@@ -109,7 +109,7 @@ def quantize_rows(f: dict) -> list[tuple[str, str]]:
     parts = []
     if "argmax_agreement" in a:
         parts.append(f"argmax {100 * a['argmax_agreement']:.2f}% of {a['argmax_positions']:,} predictions")
-    if "nn_agreement" in a:
+    if a.get("nn_agreement") is not None:  # None: fewer than 3 held-out sentences, no neighbours to compare
         parts.append(f"nearest-neighbour {100 * a['nn_agreement']:.1f}% of {a['num_sequences']:,} sentences")
     if "cosine_mean" in a:
         parts.append(f"embedding cosine {a['cosine_mean']:.5f} (min {a['cosine_min']:.5f})")

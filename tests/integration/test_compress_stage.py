@@ -332,3 +332,12 @@ def test_every_compress_method_takes_a_modernbert_teacher(tokenizer_stage, tmp_p
     assert slim["intermediate_size"] == 48 and sum(len(h) for h in slim["kompakt_pruned_heads"].values()) == 4
     agree = got["slim-int8"]["figures"]["agreement"]
     assert agree["argmax_agreement"] >= 0.95 and agree["onnx_fp32_max_abs_diff"] < 1e-3, agree
+
+
+def test_int8_card_with_too_few_sentences_for_neighbours():
+    """Under 3 held-out sentences there is no nearest-neighbour agreement (None): the card says what was measured."""
+    from kompakt.compress.stage import quantize_rows
+
+    rows = dict(quantize_rows({"agreement": {"argmax_agreement": 0.98, "argmax_positions": 40, "nn_agreement": None,
+                                             "num_sequences": 2, "cosine_mean": 0.999, "cosine_min": 0.99}}))
+    assert rows["agreement with fp32"] == ("argmax 98.00% of 40 predictions; embedding cosine 0.99900 (min 0.99000)")
