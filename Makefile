@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup slurm-packages demo test test-all bench clean
+.PHONY: setup slurm-packages demo demo-zh test test-all bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ slurm-packages:
 
 demo: setup
 	$(BIN)/kompakt run recipes/demo-nb.yaml
+
+# The same pipeline for a small Chinese Lattice-BERT on data/demo-zh/ and the demo-zh suite.
+demo-zh: setup
+	$(BIN)/kompakt run recipes/demo-zh.yaml
 
 test: setup slurm-packages
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests

