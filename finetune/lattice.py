@@ -26,17 +26,12 @@ from kompakt.log import info
 from kompakt.finetune.heads import pad
 
 
-def is_lattice(model_dir: Path) -> bool:
-    """Whether the folder holds a Lattice-BERT (config.json model_type "lattice-bert")."""
-    from kompakt.hf_lattice import is_lattice_folder
-
-    return is_lattice_folder(model_dir)
-
-
 def check_task(task, model_dir: Path) -> None:
     """A ConfigError for a task type that cannot fine-tune a Lattice-BERT yet (retrieval: the bi-encoder's
     batches carry characters only, and its sentence-transformers export would not load the lattice)."""
-    if task.type == "retrieval" and is_lattice(model_dir):
+    from kompakt.hf_lattice import is_lattice_folder
+
+    if task.type == "retrieval" and is_lattice_folder(model_dir):
         raise ConfigError(f"task {task.name}: retrieval fine-tuning does not support Lattice-BERT ({model_dir}) yet; "
                           "leave the task out with finetune.tasks, or fine-tune another model on it")
 

@@ -27,7 +27,7 @@ from kompakt.log import info
 from kompakt.loop import StopFlag, exit_for_requeue, test_hook
 from kompakt.runs import package_versions, write_json_atomic
 
-from kompakt.finetune.lattice import check_task, is_lattice
+from kompakt.finetune.lattice import check_task
 from kompakt.finetune.tasks import subsample
 
 RESULT = "result.json"
@@ -100,7 +100,9 @@ def augmented(stage_dir: Path, d, task, examples: list[dict], mlm_dir: Path) -> 
 
     if d.augment == 0:
         return [], {}
-    if is_lattice(mlm_dir):
+    from kompakt.hf_lattice import is_lattice_folder  # imports transformers: only when augmenting
+
+    if is_lattice_folder(mlm_dir):
         # The MLM would propose characters without the lattice's words around them, and word ids it predicts
         # are no tokenizer tokens: augmentation would be wrong, so the job trains on the task's own examples.
         info(f"finetune: {d.name} on {task.name}: augmentation skipped, it does not support Lattice-BERT "
