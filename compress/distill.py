@@ -3,7 +3,8 @@
 Reads top to bottom: the layer map (checked before anything runs), the student (built from the
 teacher's config with the student's sizes, initialised from the teacher's mapped layers when the
 widths agree), the packed batches (whole-word masked, a pure function of each example's sample
-index, so resume is exact), the teacher's outputs (computed, or read from a content-addressed
+index, so resume is exact; a Lattice-BERT teacher's are lattices of characters and lexicon words,
+MSP-masked as in its pretraining), the teacher's outputs (computed, or read from a content-addressed
 cache), the step (the losses of kompakt/compress/losses.py with their weights) and the shared
 training loop (kompakt/loop.py: DeepSpeed engine, checkpoints, signals, metrics).
 
@@ -24,8 +25,9 @@ import torch
 from kompakt.errors import ConfigError
 from kompakt.log import info
 from kompakt.model_config import ModelConfig
-from kompakt.models.distill import DistillationModel, encoder_and_head, mean_pool
-from kompakt.packed import Example
+from kompakt.models.distill import DistillationModel, encoder_and_head, mean_pool, run_encoder
+from kompakt.packed import Example, example_rng
+from kompakt.tokenizer import SpecialIds
 
 from kompakt.compress import losses as L
 
@@ -73,15 +75,24 @@ def student_config(shape, teacher_cfg: ModelConfig, name: str) -> ModelConfig:
     for key in ("family", "hidden_size", "num_heads", "intermediate_size", "embedding_size"):
         if getattr(shape, key) is not None:
             upd[key] = getattr(shape, key)
-    if upd.get("family", teacher_cfg.family) == "lattice" or teacher_cfg.family == "lattice":
-        raise ConfigError(f"students.{name}: Lattice-BERT distillation is not supported yet; distil a bert or "
-                          f"albert teacher")
+    family = upd.get("family", teacher_cfg.family)
+    if teacher_cfg.family == "lattice" and family != "lattice":
+        raise ConfigError(f"students.{name}.student.family={family}: a Lattice-BERT teacher reads lattices of "
+                          f"characters and lexicon words, so its student must be one too; set student.family: "
+                          f"lattice or leave it unset")
+    if family == "lattice" and teacher_cfg.family != "lattice":
+        raise ConfigError(f"students.{name}.student.family=lattice needs a Lattice-BERT teacher (this one is "
+                          f"{teacher_cfg.family}, whose batches carry no lexicon words); leave student.family unset")
     if upd.get("family") == "albert" and teacher_cfg.family != "albert" and "embedding_size" not in upd:
         upd["embedding_size"] = min(128, upd.get("hidden_size", teacher_cfg.hidden_size))
     if upd.get("family", teacher_cfg.family) == "albert":
         upd.setdefault("num_hidden_groups", 1)
         upd["hidden_act"] = teacher_cfg.hidden_act
     data = {**teacher_cfg.model_dump(), **upd, "dropout": 0.0}
+    if family == "lattice":
+        # A Lattice-BERT folder loads with attention "padded" (its HF classes take padded rows); the student
+        # trains packed, on the "rows" grid its pretraining uses.
+        data["attention"] = "auto"
     if data["num_layers"] != teacher_cfg.num_layers:  # a teacher's explicit ModernBERT layer list fits its depth only
         data["modernbert"] = {**data["modernbert"], "layer_types": None}
     try:
@@ -92,10 +103,18 @@ def student_config(shape, teacher_cfg: ModelConfig, name: str) -> ModelConfig:
 
 
 def init_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module, mapping: list[int]) -> None:
-    """DistilBERT's initialisation: the teacher's embeddings, head and mapped layers, copied (widths equal)."""
+    """DistilBERT's initialisation: the teacher's embeddings, head and mapped layers, copied (widths equal);
+    a Lattice-BERT's relative-position bias table too (when the head counts agree, its width)."""
     s_enc, s_head = encoder_and_head(student)
     t_enc, t_head = encoder_and_head(teacher)
     s_enc.embeddings.load_state_dict(t_enc.embeddings.state_dict())
+    s_bias, t_bias = getattr(s_enc, "position_bias", None), getattr(t_enc, "position_bias", None)
+    if s_bias is not None and t_bias is not None:
+        if s_bias.embeddings.weight.shape == t_bias.embeddings.weight.shape:
+            s_bias.load_state_dict(t_bias.state_dict())
+        else:
+            info("compress: the student's lattice position bias starts random: its head count differs from the "
+                 "teacher's")
     if s_head is not None and t_head is not None:
         s_head.load_state_dict(t_head.state_dict())
     if hasattr(s_enc.encoder, "layer") and hasattr(t_enc.encoder, "layer"):
@@ -130,7 +149,7 @@ class MaskingCollator:
     def __call__(self, examples: list[Example]) -> dict:
         ids, cu, positions, labels = [], [0], [], []
         for ex in examples:
-            rng = np.random.Generator(np.random.Philox(key=(self.seed << 64) | ex.index))
+            rng = example_rng(self.seed, ex.index)
             toks = ex.tokens.copy()
             n = len(toks)
             if self.mask_rate > 0 and n:
@@ -162,6 +181,38 @@ class MaskingCollator:
                 "mlm_positions": cat(positions).long(), "mlm_labels": cat(labels).long()}
 
 
+class LatticeMaskingCollator:
+    """A Lattice-BERT teacher's batches: each example becomes `[CLS] characters [SEP] lexicon words`,
+    MSP-masked and packed exactly as in its pretraining (kompakt.lattice_inputs.msp_batch).
+
+    Picklable, and a pure function of each example's sample index (seeded with `seed`), as
+    MaskingCollator is. The lexicon is read from `tokenizer_dir` (word ids start at the model's
+    vocab_size) on first use in whichever process collates, and never pickled."""
+
+    def __init__(self, specials: SpecialIds, tokenizer_dir: Path, model_cfg: ModelConfig, *, max_seq_len: int,
+                 mask_rate: float, seed: int):
+        self.specials, self.tokenizer_dir, self.model_cfg = specials, str(tokenizer_dir), model_cfg
+        self.max_seq_len, self.mask_rate, self.seed = max_seq_len, mask_rate, seed
+        self._lexicon = None
+
+    def lexicon(self):
+        """The tokenization run's `Lexicon`, loaded once per process."""
+        if self._lexicon is None:
+            from kompakt.lattice_inputs import load_tokenizer_lexicon
+
+            self._lexicon = load_tokenizer_lexicon(self.tokenizer_dir, self.model_cfg)
+        return self._lexicon
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_lexicon": None}
+
+    def __call__(self, examples: list[Example]) -> dict:
+        from kompakt.lattice_inputs import msp_batch
+
+        return msp_batch(examples, self.lexicon(), self.specials, self.seed, max_seq_len=self.max_seq_len,
+                         mask_rate=self.mask_rate)
+
+
 # ---------------------------------------------------------------------------------------------
 # Teacher outputs and their cache
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +238,9 @@ def teacher_outputs(teacher: torch.nn.Module, batch: dict, needs: Needs) -> dict
     """The teacher's tensors the losses need, as a flat dict (`hidden.3`, `qkv.6`, `logits`, `pooled`)."""
     encoder, head = encoder_and_head(teacher)
     taps: list[dict] = []
-    x_TD = encoder(batch["input_ids"], batch["cu_seqlens"], batch.get("max_seqlen"), taps=taps)
+    x_TD = run_encoder(encoder, batch["input_ids"], batch["cu_seqlens"], batch.get("max_seqlen"),
+                       batch.get("position_ids"), batch.get("token_type_ids"), batch.get("lattice_start"),
+                       batch.get("lattice_end"), taps=taps)
     out = {f"hidden.{i}": taps[i]["hidden"] for i in needs.hidden_layers}
     out.update({f"qkv.{i}": taps[i]["qkv"] for i in needs.qkv_layers})
     if needs.logits:
@@ -200,7 +253,8 @@ def teacher_outputs(teacher: torch.nn.Module, batch: dict, needs: Needs) -> dict
 @dataclass
 class TeacherCache:
     """Teacher outputs per micro-batch on disk: `<root>/<key>.safetensors`, key = sha256 of the teacher's
-    weights digest, what is cached and the batch's tensors. Written to a temporary name and renamed,
+    weights digest, what is cached and the batch's tensors (a lattice batch's spans and token types
+    too, when it has them: they change the teacher's outputs). Written to a temporary name and renamed,
     so a kill never leaves a half-written entry that a later run would read."""
 
     root: Path | None
@@ -216,9 +270,10 @@ class TeacherCache:
 
     def key(self, batch: dict) -> str:
         h = hashlib.sha256(self._prefix)
-        for name in ("input_ids", "cu_seqlens", "mlm_positions"):
-            h.update(name.encode())
-            h.update(batch[name].detach().cpu().numpy().tobytes())
+        for name in ("input_ids", "cu_seqlens", "mlm_positions", "token_type_ids", "lattice_start", "lattice_end"):
+            if name in batch:  # the optional ones are absent from a BERT batch, whose keys stay as they were
+                h.update(name.encode())
+                h.update(batch[name].detach().cpu().numpy().tobytes())
         return h.hexdigest()
 
     def get(self, teacher: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -337,7 +392,8 @@ def log_plan(spec, mapping: list[int], student_cfg: ModelConfig, num_params: int
 
 @torch.inference_mode()
 def heldout_mlm_loss(model: torch.nn.Module, batches: list[dict], device: torch.device) -> float | None:
-    """Mean MLM loss per prediction of a model with an MLM head on held-out batches (None without a head)."""
+    """Mean MLM loss per prediction of a model with an MLM head on held-out batches (None without a head);
+    a Lattice-BERT's masked segment prediction loss ("msp", the MLM loss over characters and words)."""
     if encoder_and_head(model)[1] is None:
         return None
     from kompakt.engine import to_device
@@ -349,7 +405,8 @@ def heldout_mlm_loss(model: torch.nn.Module, batches: list[dict], device: torch.
         b = to_device(b, device)
         n = int(b["mlm_positions"].numel())
         if n:
-            total += float(model(**b)["losses"]["mlm"]) * n
+            losses = model(**b)["losses"]
+            total += float(losses["mlm"] if "mlm" in losses else losses["msp"]) * n
             count += n
     model.train(was)
     return total / max(count, 1)
@@ -376,25 +433,38 @@ def prepare(spec, teacher_cfg: ModelConfig, teacher_has_head: bool) -> Prepared:
     return Prepared(student_cfg, mapping, relation_layer, heads, needs_for(w, mapping, relation_layer, teacher_has_head))
 
 
-def build_loaders(spec, vocab_size: int, tokenizer_stage: Path, env):
+def build_loaders(spec, vocab_size: int, tokenizer_stage: Path, env, model_cfg: ModelConfig | None = None):
     """(training loader, held-out micro-batches): the tokenizer stage's tokens/ and heldout/ shards,
-    whole-word masked by `spec.masking`, packed by `spec.data`."""
+    whole-word masked by `spec.masking`, packed by `spec.data`. For a Lattice-BERT teacher (`model_cfg`
+    of family lattice) the batches are its lattices, MSP-masked, and the micro-batch budget counts the
+    lexicon words each example gains (as pretraining's lattice loader does)."""
+    from kompakt.lattice_inputs import lattice_lengths
     from kompakt.packed import ExampleLayout, PackedLoader, build_examples
     from kompakt.shards import TokenShards
-    from kompakt.tokenizer import SpecialIds, load_tokenizer
+    from kompakt.tokenizer import load_tokenizer
 
     specials = SpecialIds.from_tokenizer(load_tokenizer(tokenizer_stage / "tokenizer"))
     lay = ExampleLayout(max_seq_len=spec.masking.max_seq_len, num_specials=2)
-    collator = MaskingCollator(specials.cls, specials.sep, specials.mask, vocab_size, num_specials=5,
-                               mask_rate=spec.masking.mask_rate, seed=spec.data.seed)
+    lattice = model_cfg is not None and model_cfg.family == "lattice"
+    if lattice:
+        collator = LatticeMaskingCollator(specials, tokenizer_stage / "tokenizer", model_cfg,
+                                          max_seq_len=spec.masking.max_seq_len, mask_rate=spec.masking.mask_rate,
+                                          seed=spec.data.seed)
+    else:
+        collator = MaskingCollator(specials.cls, specials.sep, specials.mask, vocab_size, num_specials=5,
+                                   mask_rate=spec.masking.mask_rate, seed=spec.data.seed)
+
+    def packed_loader(shards, **kw):
+        examples = build_examples(shards, lay.max_tokens)
+        lengths = lattice_lengths(shards, examples, collator.lexicon(), lay.max_seq_len) if lattice else None
+        return PackedLoader(shards, lay, spec.data, collator, env.rank, env.world_size, examples,
+                            seq_lengths=lengths, **kw)
+
     shards = TokenShards(tokenizer_stage / "tokens")
-    loader = PackedLoader(shards, lay, spec.data, collator, env.rank, env.world_size,
-                          build_examples(shards, lay.max_tokens), prefetch=spec.run.prefetch,
-                          num_workers=spec.run.num_workers)
+    loader = packed_loader(shards, prefetch=spec.run.prefetch, num_workers=spec.run.num_workers)
     held_dir = tokenizer_stage / "heldout"
     held_shards = TokenShards(held_dir) if (held_dir / "index.json").is_file() else shards
-    heldout = PackedLoader(held_shards, lay, spec.data, collator, env.rank, env.world_size,
-                           build_examples(held_shards, lay.max_tokens), prefetch=0, num_workers=0)
+    heldout = packed_loader(held_shards, prefetch=0, num_workers=0)
     it = iter(heldout)
     return loader, [next(it) for _ in range(spec.run.eval_batches)]
 
@@ -441,7 +511,7 @@ def train_student(spec, teacher: torch.nn.Module, teacher_digest: str, tokenizer
     teacher_cfg = teacher.cfg
     _, t_head = encoder_and_head(teacher)
     plan = prepare(spec, teacher_cfg, t_head is not None)
-    loader, eval_batches = build_loaders(spec, teacher_cfg.vocab_size, tokenizer_stage, env)
+    loader, eval_batches = build_loaders(spec, teacher_cfg.vocab_size, tokenizer_stage, env, teacher_cfg)
 
     # --- student
     checkpoint.seed_everything(spec.seed)

@@ -76,6 +76,18 @@ def check_same_vocab(teacher_dir: Path, tokenizer_dir: Path, what: str = "the to
                     f"distil on data tokenised with the teacher's own tokenizer")
 
 
+def check_same_lexicon(teacher_dir: Path, tokenizer_dir: Path) -> None:
+    """A Lattice-BERT's word ids are the lines of its lexicon.txt: the teacher's and the data's must be one file."""
+    a, b = teacher_dir / "lexicon.txt", tokenizer_dir / "lexicon.txt"
+    for path in (a, b):
+        if not path.is_file():
+            raise DataError(f"{path} does not exist; a Lattice-BERT teacher and the tokenizer stage it is distilled on "
+                            f"both need the lexicon.txt that numbers its words")
+    if a.read_bytes() != b.read_bytes():
+        raise DataError(f"the teacher's {a} and the tokenizer stage's {b} differ, so word ids would mean other "
+                        f"words; distil on data tokenised with the teacher's own tokenizer and lexicon")
+
+
 def disk_bytes(folder: Path) -> int:
     """Bytes of the model a folder serves (the int8 graph of an ONNX student, else its weights or fp32
     graph); tokenizer and card not counted."""
@@ -146,7 +158,9 @@ def student_card(name: str, method: str, teacher_dir: Path, teacher_label: str, 
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
     load = ("`onnxruntime.InferenceSession(path + '/model_int8.onnx')` (inputs: input_ids, attention_mask, "
             "token_type_ids)" if (folder / "model_int8.onnx").is_file()
-            else "`transformers.AutoModel.from_pretrained(path)`")
+            else "`kompakt.register_hf()` and then `transformers.AutoModel.from_pretrained(path)` (inputs: lattices "
+                 "of characters and the words of its lexicon.txt, see kompakt.lattice_inputs.build_lattice)"
+            if cfg.get("model_type") == "lattice-bert" else "`transformers.AutoModel.from_pretrained(path)`")
     return f"""---
 {chr(10).join(meta)}
 ---
@@ -201,13 +215,15 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
     check_same_vocab(teacher_dir, tokenizer_stage / "tokenizer")
     teacher = load_pretrained(teacher_dir)
     has_head = distill.encoder_and_head(teacher)[1] is not None
+    if teacher.cfg.family == "lattice" and any(s.method == "distill" for s in cfg.students):
+        check_same_lexicon(teacher_dir, tokenizer_stage / "tokenizer")  # distillation's batches carry word ids
     for s in cfg.students:
-        if teacher.cfg.family == "lattice" and (s.method not in ("layer_drop", "quantize")
+        if teacher.cfg.family == "lattice" and (s.method not in ("distill", "layer_drop", "quantize")
                                                 or (s.method == "quantize" and s.backend == "onnx")):
             what = s.method + (" with backend onnx" if s.method == "quantize" else "")
             raise ConfigError(f"students.{s.name}: {what} does not support a Lattice-BERT teacher yet (its inputs "
-                              f"carry lexicon words and lattice positions); use layer_drop, or quantize with backend: "
-                              f"torch")
+                              f"carry lexicon words and lattice positions); use distill, layer_drop, or quantize "
+                              f"with backend: torch")
         if s.method == "distill":
             distill.prepare(s, teacher.cfg, has_head)
             if s.student.hidden_size and s.student.hidden_size > teacher.cfg.hidden_size:

@@ -58,6 +58,13 @@ class Example:
     sent_starts: np.ndarray    # sentence starts inside the example, real indices in (0, n)
 
 
+def example_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of sample `index`: Philox keyed by (seed, index), independent of everything else.
+
+    Every collator draws an example's masking from it, so a batch is a pure function of its sample indices."""
+    return np.random.Generator(np.random.Philox(key=(int(seed) << 64) | int(index)))
+
+
 class Collator(Protocol):
     """Builds one micro-batch from its examples; picklable; a pure function of the examples' indices."""
 

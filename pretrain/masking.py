@@ -26,7 +26,8 @@ import numpy as np
 from kompakt.errors import KompaktError
 from kompakt.objective_config import ObjectiveConfig
 
-from kompakt.packed import Example  # noqa: F401  (re-exported: the masking code's input)
+# Re-exported: the masking code's input and the generator of each example.
+from kompakt.packed import Example, example_rng  # noqa: F401
 from kompakt.tokenizer import SPECIAL_TOKENS, SpecialIds  # noqa: F401
 
 
@@ -44,11 +45,6 @@ class MaskedExample:
     sbo_right: np.ndarray | None = None  # (m,) position just right of it
     sbo_rel: np.ndarray | None = None    # (m,) 0-based offset of the token inside its span
     span_truncated: np.ndarray | None = None  # (s,) bool: span shortened to fit the mask budget
-
-
-def example_rng(seed: int, index: int) -> np.random.Generator:
-    """The generator of sample `index`: Philox keyed by (seed, index), independent of everything else."""
-    return np.random.Generator(np.random.Philox(key=(int(seed) << 64) | int(index)))
 
 
 def num_to_mask(num_tokens: int, rate: float, rng: np.random.Generator) -> int:

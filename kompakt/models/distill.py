@@ -17,7 +17,7 @@ from kompakt.models.packing import sequence_ids
 
 def encoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """(the packed encoder, the MLM head or None) of a kompakt pretraining model or bare encoder."""
-    for name in ("bert", "albert", "model"):
+    for name in ("bert", "albert", "lattice_bert", "model"):
         encoder = getattr(model, name, None)
         if isinstance(encoder, nn.Module):
             break
@@ -30,6 +30,18 @@ def encoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     else:
         head = getattr(model, "predictions", None)
     return encoder, head
+
+
+def run_encoder(encoder: nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int | None = None, position_ids: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, lattice_start: torch.Tensor | None = None,
+                lattice_end: torch.Tensor | None = None, taps: list | None = None) -> torch.Tensor:
+    """The packed encoder on a batch, (T, D). A Lattice-BERT batch (it carries `lattice_start` and
+    `lattice_end`) goes to the lattice encoder by keyword: its signature orders its arguments otherwise."""
+    if lattice_start is not None:
+        return encoder(input_ids, cu_seqlens, lattice_start=lattice_start, lattice_end=lattice_end,
+                       max_seqlen=max_seqlen, token_type_ids=token_type_ids, taps=taps)
+    return encoder(input_ids, cu_seqlens, max_seqlen, position_ids, token_type_ids, taps=taps)
 
 
 def mean_pool(x_TD: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -58,12 +70,14 @@ class DistillationModel(nn.Module):
             self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))
 
     def forward(self, input_ids, cu_seqlens, max_seqlen=None, mlm_positions=None, mlm_labels=None,
-                position_ids=None, token_type_ids=None) -> dict:
-        """Packed batch in; `taps` (kompakt.models.bert.record), `hidden` (projected per tap),
-        `mlm_logits` at `mlm_positions` when the student has an MLM head, `pooled` (B, D_teacher)."""
+                position_ids=None, token_type_ids=None, lattice_start=None, lattice_end=None) -> dict:
+        """Packed batch in (a Lattice-BERT's with `lattice_start`/`lattice_end`); `taps`
+        (kompakt.models.bert.record), `hidden` (projected per tap), `mlm_logits` at `mlm_positions`
+        when the student has an MLM head, `pooled` (B, D_teacher)."""
         encoder, head = encoder_and_head(self.student)
         taps: list[dict] = []
-        x_TD = encoder(input_ids, cu_seqlens, max_seqlen, position_ids, token_type_ids, taps=taps)
+        x_TD = run_encoder(encoder, input_ids, cu_seqlens, max_seqlen, position_ids, token_type_ids,
+                           lattice_start, lattice_end, taps=taps)
         hidden = [taps[0]["hidden"] if self.emb_proj is None else self.emb_proj(taps[0]["hidden"])]
         hidden += [t["hidden"] if self.hidden_proj is None else self.hidden_proj(t["hidden"]) for t in taps[1:]]
         out = {"taps": taps, "hidden": hidden}

@@ -43,7 +43,8 @@ import torch
 import torch.nn as nn
 
 from kompakt.model_config import ModelConfig
-from kompakt.models.bert import BertEmbeddings, BertEncoder, BertOnlyMLMHead, finish, init_weights, mlm_loss
+from kompakt.models.bert import (BertEmbeddings, BertEncoder, BertOnlyMLMHead, finish, init_weights, mlm_loss,
+                                 record)
 from kompakt.models.packing import AttentionPlan, plan_attention
 
 # The four relative distances between the spans (s, e) of query i and key j, in the order of the
@@ -122,21 +123,26 @@ class LatticeBertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, lattice_start: torch.Tensor,
                 lattice_end: torch.Tensor, max_seqlen: int | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+                output_rows: torch.Tensor | None = None, taps: list | None = None) -> torch.Tensor:
         """Hidden states (T, D), or only `output_rows` of them, (N, D).
 
         `position_ids` is accepted for the batch contract and ignored: a lattice token's absolute
         position is its `lattice_start`. With `output_rows` the last layer runs past attention on
-        those rows only (exact, as in kompakt.models.bert.BertModel)."""
+        those rows only (exact, as in kompakt.models.bert.BertModel). With `taps` (a list) it
+        receives BertModel's layout (kompakt.models.bert.record): `{"hidden"}` for the embeddings,
+        then `{"hidden", "qkv"}` per layer, for distillation."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x_TD = self.embeddings(input_ids, lattice_start, token_type_ids)
         backend = "padded" if self.cfg.attention == "padded" else "rows"
         plan = lattice_plan(self.position_bias, cu_seqlens, max_seqlen, lattice_start, lattice_end,
                             x_TD.dtype, backend)
+        record(taps, x_TD)
         last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
-            x_TD = layer(x_TD, plan, output_rows if i == last else None)
+            tap = {} if taps is not None else None
+            x_TD = layer(x_TD, plan, output_rows if i == last else None, tap)
+            record(taps, x_TD, tap)
         return x_TD
 
 
