@@ -10,8 +10,10 @@ learnt nothing but word frequencies ties the unigram; one that reads context bea
 shown with the model's top 3.
 
 A Lattice-BERT (model_type lattice-bert) reads each sentence as its lattice: the characters, then the
-lexicon words found in them, except the words that cover the masked character (they would give it away);
-its guess is the best character (the word half of its output layer is left out).
+lexicon words found in them; its guess is the best character (the word half of its output layer is left
+out). Its masked word is a character that no lexicon word covers, a whole word as for the other families:
+masked segment prediction masks a word's characters together, so one character of a word is never
+filled in from the others in pretraining.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from kompakt.shards import TokenShards
 MAX_SENT_TOKENS = 48
 
 
-def _positions(shards: TokenShards, tokenizer, limit: int) -> list[tuple[list[int], int]]:
+def _positions(shards: TokenShards, tokenizer, limit: int, single=None) -> list[tuple[list[int], int]]:
     """(sentence token ids, index of one masked whole single-token alphabetic word) pairs, one per held-out
     document: its longest sentence of 6 to 48 tokens (a definition or an example phrase rather than a
-    headword line), the middle one of its candidate words (deterministic)."""
+    headword line), the middle one of its candidate words (deterministic). `single(ids)`, when given,
+    is the set of positions that stand alone as a word (for a Lattice-BERT: no lexicon word covers them)."""
     out = []
     for g in range(shards.num_docs):
         tokens, starts, sents = shards.document(g)
@@ -41,6 +44,9 @@ def _positions(shards: TokenShards, tokenizer, limit: int) -> list[tuple[list[in
                 continue
             words = [i for i in range(len(ids)) if ws[i] and (i + 1 == len(ids) or ws[i + 1])
                      and tokenizer.convert_ids_to_tokens(ids[i]).isalpha()]
+            if single is not None:
+                alone = single(ids)
+                words = [i for i in words if i in alone]
             if words:
                 best = (ids, words[len(words) // 2])
         if best is not None:
@@ -64,9 +70,14 @@ def _plain_rows(chunk, cls: int, sep: int, mask: int, pad: int) -> dict:
 
 
 def _lattice_rows(model_dir: Path, model):
-    """A row builder for Lattice-BERT: each sentence's lattice, its masked character's covering words left out."""
+    """For Lattice-BERT: a row builder (each sentence's lattice, its masked character's covering words left
+    out) and `single`, the characters of a sentence that no lexicon word covers.
+
+    Only such a character is a whole word to mask: masked segment prediction masks a word's characters
+    together with the word, so a model trained with it never fills one character of a word from the others
+    (masking 心 in 童心 would test a task it was not taught; for Norwegian the masked token is a whole word too)."""
     from kompakt.hf_lattice import folder_lexicon, lattice_batch, mask_character
-    from kompakt.lattice_inputs import build_lattice
+    from kompakt.lattice_inputs import build_lattice, uncovered_characters
 
     lexicon = folder_lexicon(model_dir, model.config)
 
@@ -74,7 +85,8 @@ def _lattice_rows(model_dir: Path, model):
         # pos + 1: the masked character's position in the row, after [CLS]
         return lattice_batch([mask_character(build_lattice([ids], lexicon, cls_id=cls, sep_id=sep), pos + 1, mask)
                               for ids, pos in chunk], pad)
-    return rows
+
+    return rows, lambda ids: uncovered_characters(ids, lexicon)
 
 
 def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 300, num_show: int = 4) -> dict | None:
@@ -101,8 +113,9 @@ def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 30
 
     kompakt.register_hf()  # a Lattice-BERT folder (model_type lattice-bert) loads through the Auto classes
     model = load_stock(AutoModelForMaskedLM, model_dir)
-    rows_of = _lattice_rows(model_dir, model) if model.config.model_type == "lattice-bert" else _plain_rows
-    cases = _positions(held, tokenizer, num_positions)
+    rows_of, single = (_lattice_rows(model_dir, model) if model.config.model_type == "lattice-bert"
+                       else (_plain_rows, None))
+    cases = _positions(held, tokenizer, num_positions, single)
     if not cases:
         return None
     cls, sep, mask = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id

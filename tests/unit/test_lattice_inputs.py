@@ -46,6 +46,14 @@ def test_hand_checked_lattice():
     assert ex.token_type_ids.tolist() == [0] * 12
 
 
+def test_uncovered_characters_are_the_ones_msp_masks_alone():
+    from kompakt.lattice_inputs import uncovered_characters
+
+    # 研究 covers 0-1 and 起源 3-4; 命 (2) and 生 (5) stand alone, since 生命 is not in this order.
+    assert uncovered_characters(sentence("研究命起源生"), lexicon()) == {2, 5}
+    assert uncovered_characters(sentence("研究生命起源"), lexicon()) == set()
+
+
 def test_two_segments_never_match_across_sep():
     # "生命" would match across the boundary of A="研究生" and B="命起源" if words could cross [SEP].
     ex = build_lattice([sentence("研究生"), sentence("命起源")], lexicon(), cls_id=CLS, sep_id=SEP)
