@@ -171,3 +171,23 @@ def test_msp_loss_falls_when_fitting_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_bias_gradient_equals_the_embedding_lookups():
+    """The bias gathers with index_select (one index_add_ backward, not embedding's sorted dense backward):
+    its values and its table's gradient are those of the four nn.Embedding lookups it replaces."""
+    torch.manual_seed(0)
+    bias = LatticePositionBias(num_heads=3, max_relative_distance=4)
+    start = torch.randint(0, 12, (2, 9))
+    end = start + torch.randint(0, 3, (2, 9))
+    grad = torch.randn(2, 3, 9, 9)
+    (bias(start, end) * grad).sum().backward()
+    ours = bias.embeddings.weight.grad.clone()
+    bias.embeddings.weight.grad = None
+    width = 2 * 4 + 1
+    ref = sum(bias.embeddings((q[:, :, None] - k[:, None, :]).clamp(-4, 4) + 4 + t * width)
+              for t, (q, k) in enumerate(((start, start), (start, end), (end, start), (end, end))))
+    torch.testing.assert_close(bias(start, end), ref.permute(0, 3, 1, 2))
+    (ref.permute(0, 3, 1, 2) * grad).sum().backward()
+    torch.testing.assert_close(ours, bias.embeddings.weight.grad)
+    assert ours.abs().sum() > 0
