@@ -66,7 +66,7 @@ def model_figures(folder: Path, measure: bool) -> dict:
 def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Path, *, recipe_name: str) -> Path:
     """Score, compare and report into `out_dir` (the caller builds it atomically)."""
     from kompakt.finetune.stage import read_results
-    from kompakt.finetune.tasks import load_suite, load_task, subsample
+    from kompakt.finetune.tasks import load_suite, load_task, training_rows
 
     from kompakt.eval.report import write_report
 
@@ -99,7 +99,11 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
         gold = gold_of(task.type, test)
         opts = metric_options(task, getattr(suite, "language", None))
         metric = task.metric
-        entry = {"type": task.type, "metric": metric, "num_test": len(test), "num_train": len(data.splits["train"]),
+        # The baselines train on what the models were fine-tuned on: finetune.max_train_examples keeps the first
+        # examples (after a learning-curve subsample), so a capped run compares like with like.
+        cap = ft_cfg.max_train_examples
+        train = training_rows(data.splits["train"], "all", 0, cap)
+        entry = {"type": task.type, "metric": metric, "num_test": len(test), "num_train": len(train),
                  "models": {}, "baselines": {}, "pairs": []}
         preds: dict[str, dict[str, list]] = {}  # model -> size -> [per-seed predictions]
         for path, r in results.items():
@@ -135,7 +139,7 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
                 def fn(kind, train, dev, test_rows, seed):
                     return B.bilstm_baseline(kind, train, dev, test_rows, seed, epochs=cfg.bilstm_epochs)
             seeds = range(1) if name == "tfidf" else range(ft_cfg.seeds)  # TF-IDF + LR is deterministic
-            runs = [fn(task.type, data.splits["train"], data.splits["dev"], test, seed) for seed in seeds]
+            runs = [fn(task.type, train, data.splits["dev"], test, seed) for seed in seeds]
             if any(r is None for r in runs):
                 entry["baselines"][name] = {"note": f"{name} does not support {task.type}"}
                 continue
@@ -143,7 +147,7 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
             curve = {}
             for size in ft_cfg.learning_curve:
                 if size < len(data.splits["train"]):
-                    ps = [fn(task.type, subsample(data.splits["train"], size, s), data.splits["dev"], test, s)
+                    ps = [fn(task.type, training_rows(data.splits["train"], size, s, cap), data.splits["dev"], test, s)
                           for s in list(seeds)[:cfg.curve_seeds]]
                     iv = stats.bootstrap_interval(gold, ps, metric, n_boot=max(100, cfg.n_boot // 5), **opts)
                     curve[str(size)] = {"mean": iv["mean"], "low": iv["low"], "high": iv["high"]}
@@ -151,7 +155,7 @@ def run(cfg: EvalConfig, ft_cfg: FinetuneConfig, finetune_dir: Path, out_dir: Pa
             curve["all"] = {"mean": iv["mean"], "low": iv["low"], "high": iv["high"]}
             entry["baselines"][name] = {"scores": [stats_score(metric, gold, p, opts) for p in runs], "interval": iv,
                                         "learning_curve": curve}
-        majority = majority_score(task.type, metric, data.splits["train"], gold, opts)
+        majority = majority_score(task.type, metric, train, gold, opts)
         if majority is not None:
             entry["majority"] = majority
         # --- retention and paired tests

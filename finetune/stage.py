@@ -28,7 +28,7 @@ from kompakt.loop import StopFlag, exit_for_requeue, test_hook
 from kompakt.runs import package_versions, write_json_atomic
 
 from kompakt.finetune.lattice import check_task
-from kompakt.finetune.tasks import subsample
+from kompakt.finetune.tasks import training_rows
 
 RESULT = "result.json"
 
@@ -215,7 +215,7 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
         grid_choice = None
         if job.size.startswith("grid"):  # one grid point: the full training set, the point's settings
             task = task.model_copy(update={"train": task.train.model_copy(update=points[job.task][int(job.size[4:])])})
-            train = d.splits["train"]
+            train = training_rows(d.splits["train"], "all", 0, cfg.max_train_examples)
         else:
             if points[job.task] and job.model not in distills:
                 if cfg.shard and not grid_done(stage_dir, job, points[job.task]):
@@ -223,9 +223,8 @@ def _run(cfg: FinetuneConfig, models: dict[str, Path], stage_dir: Path, *, stage
                     continue
                 grid_choice = best_grid_point(stage_dir, job, points[job.task])
                 task = task.model_copy(update={"train": task.train.model_copy(update=grid_choice)})
-            train = d.splits["train"] if job.size == "all" else subsample(d.splits["train"], int(job.size), job.seed)
-        if cfg.max_train_examples:
-            train = train[:cfg.max_train_examples]
+            train = training_rows(d.splits["train"], job.size if job.size == "all" else int(job.size), job.seed,
+                                  cfg.max_train_examples)
         splits = {"train": train, "dev": d.splits["dev"], "test": d.splits["test"]}
         keep = (stage_dir / "models" / job.task / job.model) if cfg.keep_models and job.seed == 0 and job.size == "all" else None
         info(f"finetune: job {k}/{len(mine)}: {job.path} ({len(train):,} training examples)")

@@ -1242,6 +1242,14 @@ def _load_retrieval(task: Task, suite_dir: Path) -> TaskData:
                     notes=notes, corpus=corpus)
 
 
+def training_rows(train: Sequence[dict], size: int | str, seed: int, cap: int | None) -> list[dict]:
+    """What one job trains on: `subsample(train, size, seed)`, then its first `cap` examples
+    (finetune.max_train_examples; None: all). The fine-tuning jobs and eval's baselines both take it, so a
+    capped run compares like with like."""
+    rows = subsample(train, size, seed)
+    return rows[:cap] if cap else rows
+
+
 def subsample(train: Sequence[dict], size: int | str, seed: int) -> list[dict]:
     """`size` examples of `train` ("all" or a size >= len(train): all of them), in their original order.
 

@@ -89,13 +89,15 @@ def png_size(path: Path) -> tuple[int, int]:
 @pytest.mark.slow  # about 60 s on 2 cores: 2 tasks x (2 seeds + 2 curve seeds) + 2 grid points, TF-IDF, plots
 def test_eval_on_a_users_own_files(tmp_path, tiny_bert):
     suite = write_suite(tmp_path)
-    recipe = write_recipe(tmp_path, suite, tiny_bert)
+    recipe = write_recipe(tmp_path, suite, tiny_bert, max_train_examples=120)
     r = kompakt("eval", str(recipe), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (ev,) = (tmp_path / "runs").glob("eval-*")
     results = json.loads((ev / "results.json").read_text())
     assert set(results["tasks"]) == {"snow", "weather"}
     snow = results["tasks"]["snow"]
+    # the baselines train on the 120 examples the capped fine-tuning jobs had, not all 160
+    assert snow["num_train"] == 120
     tiny = snow["models"]["tiny"]
     assert len(tiny["scores"]) == 2 and tiny["interval"]["low"] <= tiny["interval"]["mean"] <= tiny["interval"]["high"]
     assert set(tiny["learning_curve"]) == {"50", "all"}

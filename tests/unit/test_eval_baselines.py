@@ -175,3 +175,12 @@ def test_subsample_is_stratified_nested_and_seeded():
     assert subsample(train, "all", seed=0) == train and subsample(train, 5000, seed=0) == train
     regression = [{"text": str(i), "label": float(i)} for i in range(50)]
     assert len(subsample(regression, 10, seed=0)) == 10
+
+
+def test_training_rows_cap_the_subsample_for_jobs_and_baselines_alike():
+    from kompakt.finetune.tasks import training_rows
+
+    train = [{"text": str(i), "label": "ab"[i % 2]} for i in range(300)]
+    assert training_rows(train, "all", 0, None) == train
+    assert training_rows(train, "all", 0, 100) == train[:100]
+    assert training_rows(train, 200, 3, 50) == subsample(train, 200, seed=3)[:50]
