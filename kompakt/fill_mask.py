@@ -111,15 +111,14 @@ def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 30
     for s in train.shards:
         counts += np.bincount(np.asarray(s.tokens), minlength=train.vocab_size)[:train.vocab_size]
     special = set(tokenizer.all_special_ids)
-    words = [i for i in np.argsort(-counts)[:2000].tolist()
-             if i not in special and tokenizer.convert_ids_to_tokens(i).isalpha()]
-    guess = words[0]
     # Both guessers know the masked token is a word, an alphabetic token: the unigram guess and the model are
     # each a distribution over the alphabetic tokens only (the unigram's add-one smoothed counts, the model's
     # softmax over those logits). Over all tokens, a model that ranks punctuation first (the most frequent
     # masked target in pretraining) lost to the unigram's alphabetic guess however well it ranked the words.
     candidate = np.array([i not in special and tokenizer.convert_ids_to_tokens(i).isalpha()
                           for i in range(len(counts))])
+    words = [i for i in np.argsort(-counts)[:2000].tolist() if candidate[i]]
+    guess = words[0]
     smoothed = np.where(candidate, counts + 1, 0)
     log_unigram = np.log(np.maximum(smoothed, 1) / smoothed.sum())
     outside = torch.from_numpy(~candidate)
