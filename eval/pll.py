@@ -41,6 +41,7 @@ def pseudo_perplexity(folder: Path, texts: list[str], *, max_len: int = 64, max_
     from transformers.utils import logging as hf_logging
 
     import kompakt
+    from kompakt.hf import logits_at
 
     kompakt.register_hf()  # model_type lattice-bert
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -68,12 +69,13 @@ def pseudo_perplexity(folder: Path, texts: list[str], *, max_len: int = 64, max_
         if lexicon is None:
             batch = ids.repeat(len(positions), 1)
             batch[rows, cols] = tok.mask_token_id
-            logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()
+            inputs = {"input_ids": batch, "attention_mask": torch.ones_like(batch)}
         else:
             inputs = _masked_lattices(ids.tolist(), positions, lexicon, tok)
-            logits = model(**inputs).logits.float()[..., :model.config.vocab_size]
+        # The output layer on the masked position of each row only (a lattice's: its characters' part).
+        logits = logits_at(model, inputs, rows, cols).float()[:, :model.config.vocab_size]
         logp = torch.log_softmax(logits, -1)
-        total += float(logp[rows, cols, ids[cols]].sum())
+        total += float(logp[rows, ids[cols]].sum())
         count += len(positions)
     if count == 0:
         return None

@@ -100,6 +100,7 @@ def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 30
     a table and returns the figures (None when the tokenizer stage has no held-out shards)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+    from kompakt.hf import logits_at
     from kompakt.onnx_export import load_stock
 
     if not (Path(tok_stage) / "heldout" / "index.json").is_file():
@@ -137,9 +138,11 @@ def fill_mask_check(model_dir: Path, tok_stage: Path, *, num_positions: int = 30
         for k in range(0, len(cases), 32):
             chunk = cases[k:k + 32]
             batch = rows_of(chunk, cls, sep, mask, tokenizer.pad_token_id)
-            logits = model(**batch).logits.float()[..., :len(counts)]  # lattice: characters only
+            at = torch.tensor([pos + 1 for _, pos in chunk])  # after [CLS]
+            # The output layer at the masked positions only; a lattice's characters part.
+            logits = logits_at(model, batch, torch.arange(len(chunk)), at).float()[:, :len(counts)]
             for r, (ids, pos) in enumerate(chunk):
-                logp = torch.log_softmax(logits[r, pos + 1].masked_fill(outside, float("-inf")), -1)
+                logp = torch.log_softmax(logits[r].masked_fill(outside, float("-inf")), -1)
                 top = logp.topk(5).indices.tolist()
                 hits.append(top[0] == ids[pos])
                 hits5.append(ids[pos] in top)

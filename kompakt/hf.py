@@ -221,3 +221,32 @@ def export_stock(hf_model, out_dir: str | Path, tokenizer_dir: str | Path | None
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def logits_at(model: nn.Module, inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(N, V) MLM logits of a loaded HF masked-LM at positions (rows[n], cols[n]) of the batch `inputs`.
+
+    The output layer (`get_output_embeddings()`, the vocabulary-wide decoder) runs on those N hidden states
+    only, not on all B*L: for a PLL pass (one masked position per row) or a fill-mask batch that is most of
+    the forward. A forward pre-hook on the decoder gathers the positions; a head whose decoder does not see
+    (B, L, H) states (none of BERT, ALBERT, ModernBERT or Lattice-BERT in kompakt) gets the full logits,
+    indexed afterwards, so the answer is the same either way.
+    """
+    decoder = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shape = tuple(inputs["input_ids"].shape)
+    gathered = []
+
+    def gather(_module, args):
+        x = args[0]
+        if x.dim() == 3 and tuple(x.shape[:2]) == shape:
+            gathered.append(True)
+            return (x[rows, cols],) + tuple(args[1:])
+        return None
+
+    handle = decoder.register_forward_pre_hook(gather) if isinstance(decoder, nn.Module) else None
+    try:
+        logits = model(**inputs).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits if gathered else logits[rows, cols]
