@@ -30,6 +30,12 @@ class LatticeConfig(StrictModel):
     max_word_len: int = Field(8, ge=2)
     # Relative distances between spans are clipped to [-R, R] before their per-head bias embedding.
     max_relative_distance: int = Field(32, ge=1)
+    # How the relative bias tables start. "locality": an ALiBi-style prior (Press et al., 2022), head h of H
+    # penalising distance d by 8^(-h/(H-1)) * |d| (slopes 1 down to 1/8), so attention starts local and
+    # training may widen it; "normal": N(0, initializer_range) like every other embedding. On demo-zh (4x128,
+    # 1,200 steps of 1,024 tokens) "locality" reached held-out MSP loss 6.31 where "normal" reached 6.49, and
+    # fill-mask top-1 7.3% where "normal" tied the unigram's 6.0%.
+    bias_init: Literal["locality", "normal"] = "locality"
 
 
 class ModernBertOptions(StrictModel):

@@ -61,6 +61,18 @@ class LatticePositionBias(nn.Module):
         # One table for the 4 distance types: rows [k * (2R + 1), (k + 1) * (2R + 1)) belong to type k.
         self.embeddings = nn.Embedding(len(DISTANCE_TYPES) * (2 * max_relative_distance + 1), num_heads)
 
+    @torch.no_grad()
+    def init_locality(self, max_slope: float = 1.0, min_slope: float = 0.125) -> None:
+        """An ALiBi-style start: head h of H adds -slope_h * |d| between two characters d apart, the slopes
+        geometric from `max_slope` to `min_slope`. Each of the 4 distance tables holds a quarter, so two
+        characters (start = end) get the whole penalty and a word gets the mean over its two ends."""
+        R, w = self.max_relative_distance, self.embeddings.weight
+        H = w.shape[1]
+        ratio = (min_slope / max_slope) ** (1 / (H - 1)) if H > 1 else 1.0
+        slopes = max_slope * ratio ** torch.arange(H, dtype=torch.float32)
+        distance = torch.arange(-R, R + 1, dtype=torch.float32).abs()
+        w.copy_((-distance[:, None] * slopes[None, :] / 4).repeat(len(DISTANCE_TYPES), 1).to(w.dtype))
+
     def forward(self, start_BL: torch.Tensor, end_BL: torch.Tensor) -> torch.Tensor:
         """The bias (R, H, L, L) for spans (R, L) laid out on a grid of R rows."""
         R = self.max_relative_distance
@@ -123,6 +135,8 @@ class LatticeBertModel(nn.Module):
         self.position_bias = LatticePositionBias(cfg.num_heads, cfg.lattice.max_relative_distance)
         self.encoder = BertEncoder(cfg)
         init_weights(self, cfg.initializer_range)
+        if cfg.lattice.bias_init == "locality":
+            self.position_bias.init_locality()
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, lattice_start: torch.Tensor,
                 lattice_end: torch.Tensor, max_seqlen: int | None = None,

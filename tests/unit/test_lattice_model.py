@@ -191,3 +191,21 @@ def test_bias_gradient_equals_the_embedding_lookups():
     (ref.permute(0, 3, 1, 2) * grad).sum().backward()
     torch.testing.assert_close(ours, bias.embeddings.weight.grad)
     assert ours.abs().sum() > 0
+
+
+def test_a_fresh_model_starts_with_local_attention_bias():
+    """bias_init "locality" (the default): head h penalises characters |d| apart by slope_h * |d| (slopes 1
+    down to 1/8, clipped at R = 4), a word by the mean over its two ends; "normal" is the old random start."""
+    torch.manual_seed(0)
+    bias = LatticeBertModel(config()).position_bias
+    chars = torch.arange(7)[None]
+    b = bias(chars, chars)[0]  # (H, L, L)
+    slopes = torch.tensor([1.0, 0.5, 0.25, 0.125])
+    d = (chars[0][:, None] - chars[0][None, :]).abs().clamp(max=4).float()
+    torch.testing.assert_close(b, -slopes[:, None, None] * d)
+    # a word over characters 2..4 seen from character 0: distances 2 (its start) and 4 (its end)
+    spans_s, spans_e = torch.tensor([[0, 2]]), torch.tensor([[0, 4]])
+    torch.testing.assert_close(bias(spans_s, spans_e)[0, :, 0, 1], -slopes * (2 + 4) / 2)
+    torch.manual_seed(0)
+    random = LatticeBertModel(config(lattice={"num_words": 20, "max_relative_distance": 4, "bias_init": "normal"}))
+    assert random.position_bias.embeddings.weight.abs().max() < 0.2  # N(0, 0.02): no distance structure
