@@ -278,7 +278,7 @@ def _run(cfg: CompressConfig, teacher_dir: Path, tokenizer_stage: Path, stage_di
                                            "cache")}
             figures.update(steps=result.step, tokens_seen=result.tokens_seen, eval_loss=result.eval_loss,
                            final_losses=result.last_losses)
-            rows += distill_rows(s, figures)
+            rows += distill_rows(s, figures, "MSP" if teacher.cfg.family == "lattice" else "MLM")
         elif s.method == "theseus":
             from kompakt.compress.theseus import train_theseus
 
@@ -366,7 +366,9 @@ def fmt_loss(x) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else "not measured"
 
 
-def distill_rows(s, f: dict) -> list[tuple[str, str]]:
+def distill_rows(s, f: dict, objective: str = "MLM") -> list[tuple[str, str]]:
+    """The card's rows for a distilled student; `objective` names the held-out loss (a Lattice-BERT's is
+    masked segment prediction, "MSP")."""
     fmt = fmt_loss
 
     losses = ", ".join(f"{k} {v:g}" for k, v in s.losses.model_dump().items() if v)
@@ -374,7 +376,7 @@ def distill_rows(s, f: dict) -> list[tuple[str, str]]:
     rows = [("distillation", f"{losses}; layer map {f['mapping']} (student layer i <- teacher layer); "
                              f"temperature {s.temperature}; init {f['init']}"),
             ("training", f"{f['steps']:,} steps, {f['tokens_seen']:,} tokens, {s.optim.name} lr {s.optim.lr}"),
-            ("held-out MLM loss", f"student {fmt(f['mlm_after'])} (untrained {fmt(f['mlm_before'])}, teacher "
+            (f"held-out {objective} loss", f"student {fmt(f['mlm_after'])} (untrained {fmt(f['mlm_before'])}, teacher "
                                   f"{fmt(f['mlm_teacher'])})")]
     if cache["enabled"]:
         rows.append(("teacher outputs", f"{cache['hits']:,} micro-batches read from the cache, "
