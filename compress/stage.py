@@ -376,8 +376,8 @@ def distill_rows(s, f: dict, objective: str = "MLM") -> list[tuple[str, str]]:
     rows = [("distillation", f"{losses}; layer map {f['mapping']} (student layer i <- teacher layer); "
                              f"temperature {s.temperature}; init {f['init']}"),
             ("training", f"{f['steps']:,} steps, {f['tokens_seen']:,} tokens, {s.optim.name} lr {s.optim.lr}"),
-            (f"held-out {objective} loss", f"student {fmt(f['mlm_after'])} (untrained {fmt(f['mlm_before'])}, teacher "
-                                  f"{fmt(f['mlm_teacher'])})")]
+            (f"held-out {objective} loss",
+             f"student {fmt(f['mlm_after'])} (untrained {fmt(f['mlm_before'])}, teacher {fmt(f['mlm_teacher'])})")]
     if cache["enabled"]:
         rows.append(("teacher outputs", f"{cache['hits']:,} micro-batches read from the cache, "
                                         f"{cache['teacher_forwards']:,} computed"))
